@@ -1,0 +1,290 @@
+"""The closed set of differentiable primitives, each with its hand-written VJP (and JVP).
+
+Like autograd's ``numpy_vjps.py``, the derivative formulas sit in one table at the bottom of
+this file. Every primitive computes in the array namespace of its inputs (NumPy, CuPy,
+array_api_strict, ...), so only these functions need to sit on a gradient path off NumPy.
+
+Shapes (PyTorch/PEFT layout; ``...`` is any number of batch dimensions):
+    x (..., d_in)    W (d_out, d_in), or (d_in, d_out) when fan_in_fan_out
+    b (d_out,)       A (r, d_in)        B (d_out, r)        mask: x's shape (or None)
+
+Primitives are differentiable once (first order, forward and reverse); the derivative
+functions themselves are plain array code, not traced again.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from autograd.extend import defjvp, defjvp_argnums, defvjp, defvjp_argnums, primitive
+
+from .backend import namespace_of
+
+__all__ = ["linear", "lora_linear", "lora_delta", "l1_loss_op", "mse_loss_op"]
+
+
+def _flat(a: Any, d: int, xp: Any) -> Any:
+    """(..., d) -> (n, d): batch dimensions folded into one, for the weight gradients."""
+    return a if a.ndim == 2 else xp.reshape(a, (-1, d))
+
+
+def _weight(W: Any, fan_in_fan_out: bool) -> Any:
+    """The base weight as a (d_in, d_out) right factor: ``x @ _weight(W)``."""
+    return W if fan_in_fan_out else W.T
+
+
+# ---------------------------------------------------------------- forward definitions
+
+
+@primitive
+def linear(x: Any, W: Any, b: Any = None, *, fan_in_fan_out: bool = False) -> Any:
+    """y = x W^T + b (PyTorch ``F.linear``); with fan_in_fan_out, y = x W + b.
+
+    x (..., d_in), W (d_out, d_in) [fan_in_fan_out: (d_in, d_out)], b (d_out,) or None
+    -> y (..., d_out).
+    """
+    xp = namespace_of(x, W, b)
+    y = xp.matmul(x, _weight(W, fan_in_fan_out))
+    return y if b is None else y + b
+
+
+@primitive
+def lora_linear(
+    x: Any,
+    W: Any,
+    b: Any,
+    A: Any,
+    B: Any,
+    mask: Any = None,
+    *,
+    scale: float = 1.0,
+    fan_in_fan_out: bool = False,
+) -> Any:
+    """y = x W^T + b + scale * ((x * mask) A^T) B^T, never forming B A (paper eq. 3; PEFT
+    ``tuners/lora/layer.py`` ``Linear.forward``).
+
+    x (..., d_in), W (d_out, d_in) [fan_in_fan_out: (d_in, d_out)], b (d_out,) or None,
+    A (r, d_in), B (d_out, r), mask x-shaped or None (inverted dropout, already 1/(1-p))
+    -> y (..., d_out). The scale multiplies the (..., r) intermediate, the cheaper place.
+    """
+    xp = namespace_of(x, W, b, A, B, mask)
+    xm = x if mask is None else x * mask
+    h = xp.matmul(xm, A.T) * scale  # (..., r)
+    y = xp.matmul(x, _weight(W, fan_in_fan_out)) + xp.matmul(h, B.T)
+    return y if b is None else y + b
+
+
+@primitive
+def lora_delta(A: Any, B: Any, *, scale: float = 1.0, fan_in_fan_out: bool = False) -> Any:
+    """Delta W = scale * B A (paper section 4.1), (d_out, d_in); transposed for fan_in_fan_out.
+
+    A (r, d_in), B (d_out, r) -> (d_out, d_in) or (d_in, d_out).
+    """
+    xp = namespace_of(A, B)
+    if fan_in_fan_out:
+        return xp.matmul(A.T, B.T) * scale
+    return xp.matmul(B, A) * scale
+
+
+@primitive
+def l1_loss_op(pred: Any, target: Any, *, mean: bool = True) -> Any:
+    """sum |pred - target| (divided by its element count when ``mean``); a 0-d array."""
+    xp = namespace_of(pred, target)
+    total = xp.sum(xp.abs(pred - target))
+    return total / _count(pred) if mean else total
+
+
+@primitive
+def mse_loss_op(pred: Any, target: Any, *, mean: bool = True) -> Any:
+    """sum (pred - target)^2 (divided by its element count when ``mean``); a 0-d array."""
+    xp = namespace_of(pred, target)
+    d = pred - target
+    total = xp.sum(d * d)
+    return total / _count(pred) if mean else total
+
+
+def _count(a: Any) -> int:
+    n = 1
+    for s in a.shape:
+        n *= s
+    return n
+
+
+# ---------------------------------------------------------------- the derivative table
+#
+# Notation: g is the cotangent of the output (same shape as y), G = g folded to (n, d_out),
+# X = x folded to (n, d_in), Xm = (x * mask) folded, H = Xm A^T (n, r).
+#
+#   linear:       dx = g W             dW = G^T X  (fif: X^T G)     db = sum_n G
+#   lora_linear:  dx = g W + s (g B A) * mask       dW, db as linear
+#                 dA = s (G B)^T Xm    dB = s G^T H                 dmask = s (g B A) * x
+#   lora_delta:   dA = s B^T g         dB = s g A^T                 (fif: g transposed first)
+#   l1:           dpred = sign(pred - target) * (g / N)    dtarget = -dpred
+#   mse:          dpred = (pred - target) * (2/N * g)      dtarget = -dpred
+#
+# The loss formulas keep PyTorch's order of rounding (``l1_loss`` = mean(abs(d)) backward,
+# ATen ``mse_loss_backward``: d * (norm * g)), so gradients agree bit for bit where the
+# forward does.
+
+
+def _linear_vjp(argnums: tuple[int, ...], ans: Any, args: tuple, kwargs: dict) -> Any:
+    x, W = args[0], args[1]
+    fif = kwargs.get("fan_in_fan_out", False)
+    xp = namespace_of(x, W)
+
+    def vjp(g: Any) -> list[Any]:
+        d_out = g.shape[-1]
+        out = []
+        for i in argnums:
+            if i == 0:
+                out.append(xp.matmul(g, W.T if fif else W))
+            elif i == 1:
+                G, X = _flat(g, d_out, xp), _flat(x, x.shape[-1], xp)
+                out.append(xp.matmul(X.T, G) if fif else xp.matmul(G.T, X))
+            else:
+                out.append(xp.sum(_flat(g, d_out, xp), axis=0))
+        return out
+
+    return vjp
+
+
+def _linear_jvp(argnums: tuple[int, ...], gs: list, ans: Any, args: tuple, kwargs: dict) -> Any:
+    x, W = args[0], args[1]
+    fif = kwargs.get("fan_in_fan_out", False)
+    xp = namespace_of(x, W)
+    out = None
+    for i, t in zip(argnums, gs):
+        if i == 0:
+            term = xp.matmul(t, _weight(W, fif))
+        elif i == 1:
+            term = xp.matmul(x, _weight(t, fif))
+        else:
+            term = xp.broadcast_to(t, ans.shape)
+        out = term if out is None else out + term
+    return out
+
+
+def _lora_linear_vjp(argnums: tuple[int, ...], ans: Any, args: tuple, kwargs: dict) -> Any:
+    x, W, A, B = args[0], args[1], args[3], args[4]
+    mask = args[5] if len(args) > 5 else kwargs.get("mask")
+    scale = kwargs.get("scale", 1.0)
+    fif = kwargs.get("fan_in_fan_out", False)
+    xp = namespace_of(x, W, A, B, mask)
+    d_in = x.shape[-1]
+
+    def vjp(g: Any) -> list[Any]:
+        d_out = g.shape[-1]
+        G = _flat(g, d_out, xp)
+        need = set(argnums)
+        gB = xp.matmul(g, B) * scale if need & {0, 3, 5} else None  # (..., r), s g B
+        xm = x if mask is None else x * mask
+        out = []
+        for i in argnums:
+            if i == 0:
+                back = xp.matmul(gB, A)  # (..., d_in)
+                out.append(xp.matmul(g, W.T if fif else W) + (back if mask is None else back * mask))
+            elif i == 1:
+                X = _flat(x, d_in, xp)
+                out.append(xp.matmul(X.T, G) if fif else xp.matmul(G.T, X))
+            elif i == 2:
+                out.append(xp.sum(G, axis=0))
+            elif i == 3:
+                out.append(xp.matmul(_flat(gB, gB.shape[-1], xp).T, _flat(xm, d_in, xp)))
+            elif i == 4:
+                H = xp.matmul(_flat(xm, d_in, xp), A.T) * scale  # recomputed: (n, r), cheap
+                out.append(xp.matmul(G.T, H))
+            else:
+                out.append(xp.matmul(gB, A) * x)
+        return out
+
+    return vjp
+
+
+def _lora_linear_jvp(argnums: tuple[int, ...], gs: list, ans: Any, args: tuple, kwargs: dict) -> Any:
+    x, W, A, B = args[0], args[1], args[3], args[4]
+    mask = args[5] if len(args) > 5 else kwargs.get("mask")
+    scale = kwargs.get("scale", 1.0)
+    fif = kwargs.get("fan_in_fan_out", False)
+    xp = namespace_of(x, W, A, B, mask)
+    xm = x if mask is None else x * mask
+    out = None
+    for i, t in zip(argnums, gs):
+        if i == 0:
+            tm = t if mask is None else t * mask
+            term = xp.matmul(t, _weight(W, fif)) + xp.matmul(xp.matmul(tm, A.T) * scale, B.T)
+        elif i == 1:
+            term = xp.matmul(x, _weight(t, fif))
+        elif i == 2:
+            term = xp.broadcast_to(t, ans.shape)
+        elif i == 3:
+            term = xp.matmul(xp.matmul(xm, t.T) * scale, B.T)
+        elif i == 4:
+            term = xp.matmul(xp.matmul(xm, A.T) * scale, t.T)
+        else:
+            term = xp.matmul(xp.matmul(x * t, A.T) * scale, B.T)
+        out = term if out is None else out + term
+    return out
+
+
+def _delta_vjp(argnums: tuple[int, ...], ans: Any, args: tuple, kwargs: dict) -> Any:
+    A, B = args[0], args[1]
+    scale = kwargs.get("scale", 1.0)
+    fif = kwargs.get("fan_in_fan_out", False)
+    xp = namespace_of(A, B)
+
+    def vjp(g: Any) -> list[Any]:
+        g = g.T if fif else g  # (d_out, d_in)
+        return [xp.matmul(B.T, g) * scale if i == 0 else xp.matmul(g, A.T) * scale for i in argnums]
+
+    return vjp
+
+
+def _delta_jvp(argnums: tuple[int, ...], gs: list, ans: Any, args: tuple, kwargs: dict) -> Any:
+    A, B = args[0], args[1]
+    scale = kwargs.get("scale", 1.0)
+    fif = kwargs.get("fan_in_fan_out", False)
+    out = None
+    for i, t in zip(argnums, gs):
+        pair = (t, B) if i == 0 else (A, t)
+        term = lora_delta.fun(*pair, scale=scale, fan_in_fan_out=fif)
+        out = term if out is None else out + term
+    return out
+
+
+def _l1_grad(ans: Any, pred: Any, target: Any, mean: bool = True) -> Any:
+    xp = namespace_of(pred, target)
+    n = _count(pred) if mean else 1
+    return lambda g: xp.sign(pred - target) * (g / n)
+
+
+def _mse_grad(ans: Any, pred: Any, target: Any, mean: bool = True) -> Any:
+    n = _count(pred) if mean else 1
+    return lambda g: (pred - target) * ((2.0 / n) * g)
+
+
+def _negated(maker: Any) -> Any:
+    return lambda ans, *args, **kw: (lambda vjp: lambda g: -vjp(g))(maker(ans, *args, **kw))
+
+
+def _l1_jvp(t: Any, ans: Any, pred: Any, target: Any, mean: bool = True) -> Any:
+    xp = namespace_of(pred, target)
+    s = xp.sum(xp.sign(pred - target) * t)
+    return s / _count(pred) if mean else s
+
+
+def _mse_jvp(t: Any, ans: Any, pred: Any, target: Any, mean: bool = True) -> Any:
+    xp = namespace_of(pred, target)
+    s = xp.sum((pred - target) * t) * 2.0
+    return s / _count(pred) if mean else s
+
+
+defvjp_argnums(linear, _linear_vjp)
+defjvp_argnums(linear, _linear_jvp)
+defvjp_argnums(lora_linear, _lora_linear_vjp)
+defjvp_argnums(lora_linear, _lora_linear_jvp)
+defvjp_argnums(lora_delta, _delta_vjp)
+defjvp_argnums(lora_delta, _delta_jvp)
+defvjp(l1_loss_op, _l1_grad, _negated(_l1_grad))
+defjvp(l1_loss_op, _l1_jvp, lambda t, ans, p, q, mean=True: -_l1_jvp(t, ans, p, q, mean))
+defvjp(mse_loss_op, _mse_grad, _negated(_mse_grad))
+defjvp(mse_loss_op, _mse_jvp, lambda t, ans, p, q, mean=True: -_mse_jvp(t, ans, p, q, mean))

@@ -1,0 +1,146 @@
+"""Adam and AdamW as pure ``init``/``step`` functions, matching ``torch.optim.Adam``/``AdamW``.
+
+For each parameter p with gradient g, at step t = 1, 2, ... (Kingma & Ba 2015, Alg. 1;
+Loshchilov & Hutter 2019 for the decoupled decay):
+
+    Adam  (L2):    g <- g + wd * p
+    AdamW:         p <- p * (1 - lr * wd)
+    m <- m + (1 - b1) (g - m)                  (torch's ``lerp_``)
+    v <- b2 v + (1 - b2) g^2
+    v_max <- max(v_max, v)                     (amsgrad only; v_max replaces v below)
+    p <- p - (lr / (1 - b1^t)) m / (sqrt(v) / sqrt(1 - b2^t) + eps)
+
+The expressions keep PyTorch's order of rounding (``torch/optim/adam.py``, single-tensor path,
+the CPU default), so a float64 run agrees with torch to the last bits for many steps.
+The state is a plain dict with the step counter in it, so a run can be saved and resumed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from autograd.tracer import getval
+
+from ._checks import check_real
+from .backend import namespace_of, tree_map
+from .errors import MiniLoraTypeError, MiniLoraValueError
+
+__all__ = ["adam_init", "adam_step"]
+
+
+def _leaves(tree: Any, path: str = "") -> list[tuple[str, Any]]:
+    if isinstance(tree, dict):
+        return [leaf for k, v in tree.items() for leaf in _leaves(v, f"{path}[{k!r}]")]
+    if isinstance(tree, list | tuple):
+        return [leaf for i, v in enumerate(tree) for leaf in _leaves(v, f"{path}[{i}]")]
+    return [(path, tree)]
+
+
+def _check_same_structure(params: Any, other: Any, name: str) -> None:
+    p_paths = [p for p, _ in _leaves(params)]
+    o_paths = [p for p, _ in _leaves(other)]
+    if p_paths != o_paths:
+        raise MiniLoraValueError(
+            f"{name} must have the same structure as params; params has {p_paths}, {name} has {o_paths}"
+        )
+    for (path, p), (_, o) in zip(_leaves(params), _leaves(other)):
+        ps, os_ = tuple(getattr(p, "shape", ())), tuple(getattr(o, "shape", ()))
+        if ps != os_:
+            raise MiniLoraValueError(f"{name}{path} has shape {os_} but params{path} has shape {ps}")
+
+
+def adam_init(params: Any, *, amsgrad: bool = False) -> dict:
+    """Zero moments for every array in ``params`` (any dict/list/tuple tree) and step 0.
+
+    Returns {"step": 0, "m": zeros like params, "v": zeros like params} (+ "v_max" for amsgrad).
+    """
+    for path, leaf in _leaves(params):
+        if not hasattr(leaf, "shape"):
+            raise MiniLoraTypeError(f"params{path} must be an array; got {type(leaf).__name__}")
+
+    def zeros(a: Any) -> Any:
+        return namespace_of(a).zeros_like(a)
+
+    state = {"step": 0, "m": tree_map(zeros, params), "v": tree_map(zeros, params)}
+    if amsgrad:
+        state["v_max"] = tree_map(zeros, params)
+    return state
+
+
+def adam_step(
+    params: Any,
+    grads: Any,
+    state: dict,
+    *,
+    lr: float = 1e-3,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    decoupled: bool = False,
+    amsgrad: bool = False,
+    maximize: bool = False,
+) -> tuple[Any, dict]:
+    """One Adam (``decoupled=True``: AdamW) update. Pure: returns ``(new_params, new_state)``.
+
+    params, grads: trees of arrays with the same structure and shapes; state from ``adam_init``
+    (or a previous step). ``amsgrad`` and ``maximize`` as in ``torch.optim.Adam``.
+    """
+    lr = check_real(lr, "lr", low=0.0)
+    if not (isinstance(betas, tuple | list) and len(betas) == 2):
+        raise MiniLoraValueError(f"betas must be a pair (beta1, beta2); got {betas!r}")
+    b1 = check_real(betas[0], "betas[0]", low=0.0, high=1.0, high_open=True)
+    b2 = check_real(betas[1], "betas[1]", low=0.0, high=1.0, high_open=True)
+    eps = check_real(eps, "eps", low=0.0)
+    wd = check_real(weight_decay, "weight_decay", low=0.0)
+    if not isinstance(state, dict) or not {"step", "m", "v"} <= set(state):
+        raise MiniLoraValueError("state must be the dict returned by adam_init (keys 'step', 'm', 'v')")
+    if amsgrad and "v_max" not in state:
+        raise MiniLoraValueError("amsgrad=True needs a state from adam_init(params, amsgrad=True)")
+    grads = getval(grads)
+    _check_same_structure(params, grads, "grads")
+    _check_same_structure(params, state["m"], "state['m']")
+
+    t = int(state["step"]) + 1
+    step_size = lr / (1 - b1**t)
+    bc2_sqrt = (1 - b2**t) ** 0.5
+
+    def update(p: Any, g: Any, m: Any, v: Any, v_max: Any = None) -> tuple[Any, ...]:
+        xp = namespace_of(p, g)
+        if maximize:
+            g = -g
+        if wd != 0.0:
+            if decoupled:
+                p = p * (1 - lr * wd)
+            else:
+                g = g + p * wd
+        w = 1 - b1
+        m = m + w * (g - m) if w < 0.5 else g - (g - m) * (1 - w)
+        v = v * b2 + (1 - b2) * g * g
+        if v_max is not None:
+            v_max = xp.maximum(v_max, v)
+        denom = xp.sqrt(v if v_max is None else v_max) / bc2_sqrt + eps
+        return (p + (-step_size) * m / denom, m, v, v_max)
+
+    pairs = _leaves(params)
+    flat = [
+        update(p, g, m, v, vm)
+        for (_, p), (_, g), (_, m), (_, v), vm in zip(
+            pairs,
+            _leaves(grads),
+            _leaves(state["m"]),
+            _leaves(state["v"]),
+            [leaf for _, leaf in _leaves(state["v_max"])] if amsgrad else [None] * len(pairs),
+        )
+    ]
+    columns = list(zip(*flat)) if flat else [(), (), (), ()]
+    new_params, m, v, v_max = (_unflatten(params, col) for col in columns)
+    new_state = {"step": t, "m": m, "v": v}
+    if amsgrad:
+        new_state["v_max"] = v_max
+    return new_params, new_state
+
+
+def _unflatten(tree: Any, values: Any) -> Any:
+    """A tree shaped like ``tree`` whose leaves are ``values`` in ``_leaves`` order."""
+    it = iter(values)
+    return tree_map(lambda _leaf: next(it), tree)

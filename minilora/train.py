@@ -1,0 +1,122 @@
+"""Gradients and the training loop.
+
+Freezing is simply *which argument you differentiate*: ``grad(loss)(lora, frozen, x, y)``
+gives the gradient for ``lora`` only, and the fused primitives never compute the frozen
+weight's gradient.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable
+from typing import Any
+
+import autograd
+from autograd.tracer import getval
+
+from .backend import namespace_of, register_array_type
+from .errors import MiniLoraTypeError, MiniLoraValueError, NonFiniteError
+from .optim import _leaves, adam_init, adam_step
+
+__all__ = ["grad", "value_and_grad", "count_params", "fit"]
+
+
+def _register(tree: Any) -> None:
+    """Make autograd able to box any non-NumPy array type found in the arguments."""
+    for _, leaf in _leaves(tree):
+        if hasattr(leaf, "__array_namespace__") and not isinstance(leaf, autograd.tracer.Box):
+            namespace_of(leaf)  # registers the type as a side effect
+
+
+def grad(fun: Callable, argnum: int | tuple[int, ...] = 0) -> Callable:
+    """autograd's ``grad`` (gradient of a scalar function w.r.t. argument ``argnum``), also for
+    non-NumPy array types: the returned function has the structure of that argument."""
+    g = autograd.grad(fun, argnum)
+
+    @functools.wraps(fun)
+    def grad_fun(*args: Any, **kwargs: Any) -> Any:
+        _register(args)
+        return g(*args, **kwargs)
+
+    return grad_fun
+
+
+def value_and_grad(fun: Callable, argnum: int | tuple[int, ...] = 0) -> Callable:
+    """autograd's ``value_and_grad``: returns ``(fun(*args), gradient w.r.t. argnum)``."""
+    vg = autograd.value_and_grad(fun, argnum)
+
+    @functools.wraps(fun)
+    def value_and_grad_fun(*args: Any, **kwargs: Any) -> Any:
+        _register(args)
+        return vg(*args, **kwargs)
+
+    return value_and_grad_fun
+
+
+def count_params(tree: Any) -> int:
+    """Total number of scalars in a tree (dict/list/tuple) of arrays."""
+    total = 0
+    for path, leaf in _leaves(getval(tree)):
+        shape = getattr(leaf, "shape", None)
+        if shape is None:
+            raise MiniLoraTypeError(f"tree{path} must be an array; got {type(leaf).__name__}")
+        total += math.prod(shape)
+    return total
+
+
+def fit(
+    loss_fn: Callable[..., Any],
+    params: Any,
+    data_or_args: Any = (),
+    *,
+    steps: int,
+    lr: float,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    decoupled: bool = False,
+    amsgrad: bool = False,
+    state: dict | None = None,
+    callback: Callable[[int, float, Any, dict], Any] | None = None,
+    return_state: bool = False,
+) -> tuple[Any, ...]:
+    """Train ``params`` with Adam on ``loss_fn(params, *args)`` for ``steps`` steps.
+
+    data_or_args: a tuple of extra arguments used at every step (e.g. ``(frozen, x, y)``), or a
+    callable ``step -> tuple`` giving each step's arguments (mini-batches). Only ``params`` is
+    differentiated. ``callback(step, loss, params, state)`` runs after each update (step counts
+    from 1); returning ``True`` stops early. ``state`` resumes a previous run.
+
+    Returns ``(params, losses)``, or ``(params, losses, state)`` with ``return_state=True``;
+    ``losses[i]`` is the loss *before* update i + 1, as a Python float.
+
+    A non-finite loss raises ``NonFiniteError`` naming the step; its ``partial`` holds
+    ``(params, losses, state)`` as of the last finite step, so nothing is lost.
+    """
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        raise MiniLoraValueError(f"steps must be a non-negative integer; got {steps!r}")
+    if not (callable(data_or_args) or isinstance(data_or_args, tuple)):
+        raise MiniLoraTypeError(
+            f"data_or_args must be a tuple of arguments or a callable step -> tuple; "
+            f"got {type(data_or_args).__name__}"
+        )
+    vg = value_and_grad(loss_fn)
+    state = adam_init(params, amsgrad=amsgrad) if state is None else state
+    options = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, decoupled=decoupled, amsgrad=amsgrad)
+    losses: list[float] = []
+    for step in range(1, steps + 1):
+        args = data_or_args(step) if callable(data_or_args) else data_or_args
+        loss, grads = vg(params, *args)
+        value = float(loss)
+        if not math.isfinite(value):
+            raise NonFiniteError(
+                f"loss became non-finite ({value}) at step {step}; params are returned as of step "
+                f"{step - 1} in the error's .partial; try a smaller lr",
+                partial=(params, losses, state),
+            )
+        losses.append(value)
+        params, state = adam_step(params, grads, state, **options)
+        if callback is not None and callback(step, value, params, state) is True:
+            break
+    return (params, losses, state) if return_state else (params, losses)
