@@ -68,10 +68,7 @@ def check_floats(**arrays: Any) -> Any:
     ``None`` entries are skipped. Returns the shared namespace. Mixed float widths are refused
     rather than promoted: an oracle must not hide a precision bug.
     """
-    present = {k: getval(v) for k, v in arrays.items() if v is not None}
-    for name, a in present.items():
-        if not (hasattr(a, "shape") and hasattr(a, "dtype")):
-            raise MiniLoraTypeError(f"{name} must be an array; got {type(a).__name__}")
+    present = {k: check_array(v, k) for k, v in arrays.items() if v is not None}
     xp = namespace_of(*present.values())
     first = None
     for name, a in present.items():
@@ -89,14 +86,22 @@ def check_floats(**arrays: Any) -> Any:
     return xp
 
 
+def check_array(a: Any, name: str) -> Any:
+    """The value inside ``a`` if it is an array (has shape and dtype); else MiniLoraTypeError."""
+    value = getval(a)
+    if not (hasattr(value, "shape") and hasattr(value, "dtype")):
+        raise MiniLoraTypeError(f"{name} must be an array; got {type(value).__name__}")
+    return value
+
+
 def check_ndim(a: Any, name: str, ndim: int, what: str) -> None:
-    if len(getval(a).shape) != ndim:
+    if len(check_array(a, name).shape) != ndim:
         raise ShapeError(f"{name} must be {ndim}-D with shape {what}; got shape {tuple(getval(a).shape)}")
 
 
 def check_shape(a: Any, name: str, expected: tuple[int, ...], what: str) -> None:
     """Exact shape check with the message style ``A must have shape (r, d_in) = (4, 16); got (4, 12)``."""
-    got = tuple(getval(a).shape)
+    got = tuple(check_array(a, name).shape)
     if got != tuple(expected):
         raise ShapeError(f"{name} must have shape {what} = {tuple(expected)}; got {got}")
 

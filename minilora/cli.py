@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import sys
@@ -118,8 +117,11 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import seed_experiment
 
     if args.plot:
-        if importlib.util.find_spec("matplotlib") is None:
-            print("minilora: error: --plot needs matplotlib: pip install 'minilora[plot]'", file=sys.stderr)
+        try:
+            import matplotlib  # noqa: F401  (fail before training, not after)
+        except ImportError as exc:
+            print(f"minilora: error: --plot needs matplotlib ({exc}): pip install 'minilora[plot]'",
+                  file=sys.stderr)
             return 1
         folder = os.path.dirname(os.path.abspath(args.plot))
         if not os.path.isdir(folder):

@@ -19,6 +19,7 @@ from autograd.tracer import getval
 
 from . import ops
 from ._checks import (
+    check_array,
     check_choice,
     check_dim,
     check_floats,
@@ -30,7 +31,7 @@ from ._checks import (
     get_key,
 )
 from .backend import get_backend
-from .errors import MiniLoraTypeError, NonFiniteError, ShapeError
+from .errors import NonFiniteError, ShapeError
 
 __all__ = [
     "dense_init",
@@ -72,9 +73,7 @@ def _base(params: Any, x: Any, fan_in_fan_out: bool) -> tuple[Any, Any, int, int
     check_ndim(W, 'params["W"]', 2, "(d_in, d_out)" if fan_in_fan_out else "(d_out, d_in)")
     shape = tuple(getval(W).shape)
     d_in, d_out = shape if fan_in_fan_out else shape[::-1]
-    xv = getval(x)
-    if not (hasattr(xv, "shape") and hasattr(xv, "dtype")):
-        raise MiniLoraTypeError(f"x must be an array; got {type(xv).__name__}")
+    xv = check_array(x, "x")
     if len(xv.shape) < 1 or xv.shape[-1] != d_in:
         raise ShapeError(f"x must have shape (..., d_in) = (..., {d_in}); got {tuple(xv.shape)}")
     if b is not None:

@@ -12,11 +12,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from autograd.tracer import getval
-
 from . import ops
-from ._checks import check_choice, check_floats
-from .errors import MiniLoraTypeError, ShapeError
+from ._checks import check_array, check_choice, check_floats
+from .errors import ShapeError
 
 __all__ = ["l1_loss", "mse_loss", "REDUCTIONS"]
 
@@ -25,10 +23,7 @@ REDUCTIONS = ("mean", "sum")
 
 def _check(pred: Any, target: Any, reduction: str) -> bool:
     check_choice(reduction, "reduction", REDUCTIONS)
-    for name, a in (("pred", pred), ("target", target)):
-        if not hasattr(getval(a), "shape"):
-            raise MiniLoraTypeError(f"{name} must be an array; got {type(getval(a)).__name__}")
-    ps, ts = tuple(getval(pred).shape), tuple(getval(target).shape)
+    ps, ts = tuple(check_array(pred, "pred").shape), tuple(check_array(target, "target").shape)
     if ps != ts:
         raise ShapeError(f"pred and target must have the same shape; got pred {ps} and target {ts}")
     check_floats(pred=pred, target=target)
