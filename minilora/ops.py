@@ -189,7 +189,7 @@ def _lora_linear_vjp(argnums: tuple[int, ...], ans: Any, args: tuple, kwargs: di
             elif i == 2:
                 out.append(xp.sum(G, axis=0))
             elif i == 3:
-                out.append(xp.matmul(_flat(gB, gB.shape[-1], xp).T, _flat(xm, d_in, xp)))
+                out.append(xp.matmul(_flat(gB, A.shape[0], xp).T, _flat(xm, d_in, xp)))
             elif i == 4:
                 H = xp.matmul(_flat(xm, d_in, xp), A.T) * scale  # recomputed: (n, r), cheap
                 out.append(xp.matmul(G.T, H))

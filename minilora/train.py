@@ -15,7 +15,7 @@ from typing import Any
 import autograd
 from autograd.tracer import getval
 
-from .backend import namespace_of, register_array_type
+from .backend import namespace_of
 from .errors import MiniLoraTypeError, MiniLoraValueError, NonFiniteError
 from .optim import _leaves, adam_init, adam_step
 
@@ -103,7 +103,9 @@ def fit(
         )
     vg = value_and_grad(loss_fn)
     state = adam_init(params, amsgrad=amsgrad) if state is None else state
-    options = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, decoupled=decoupled, amsgrad=amsgrad)
+    options: dict[str, Any] = dict(
+        lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, decoupled=decoupled, amsgrad=amsgrad
+    )
     losses: list[float] = []
     for step in range(1, steps + 1):
         args = data_or_args(step) if callable(data_or_args) else data_or_args

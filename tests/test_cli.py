@@ -244,3 +244,36 @@ def test_help(args: list[str]) -> None:
     if args[0] == "demo":
         for option in ("--steps", "--rank", "--seed", "--dtype", "--backend", "--json", "--plot"):
             assert option in out.stdout
+
+
+class _FakeTerminal:
+    """A stream that claims to be a terminal and records what is written to it."""
+
+    def __init__(self, tty: bool) -> None:
+        self.tty, self.text = tty, ""
+
+    def isatty(self) -> bool:
+        return self.tty
+
+    def write(self, s: str) -> None:
+        self.text += s
+
+    def flush(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("tty", [True, False])
+def test_progress_shows_on_a_terminal_only(tty: bool) -> None:
+    from minilora.cli import Progress as _Progress
+
+    stream = _FakeTerminal(tty)
+    progress = _Progress(1000, stream)
+    for step in range(1, 1001):
+        progress(step, 1.0 / step, None, None)
+    progress.close()
+    if tty:
+        assert "step    500/1000" in stream.text and "step   1000/1000" in stream.text
+        assert stream.text.count("\r") >= 100  # redrawn in place, about every 1% of the run
+        assert stream.text.endswith("\r")  # the line is cleared at the end
+    else:
+        assert stream.text == ""
