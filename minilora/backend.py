@@ -207,23 +207,27 @@ def namespace_of(*arrays: Any) -> Any:
     """
     found = None
     for a in arrays:
-        if a is None or type(a) in (float, int):
-            continue
-        if isinstance(a, Box):
-            a = getval(a)
-        if isinstance(a, np.ndarray | np.generic):
+        t = type(a)
+        if t is np.ndarray:  # the common case first: this runs several times per primitive
             xp = np
-        elif hasattr(a, "__array_namespace__"):
-            xp = a.__array_namespace__()
-            register_array_type(type(a))
+        elif a is None or t is float or t is int:
+            continue
         else:
-            try:
-                import array_api_compat
+            if isinstance(a, Box):
+                a = getval(a)
+            if isinstance(a, np.ndarray | np.generic):
+                xp = np
+            elif hasattr(a, "__array_namespace__"):
+                xp = a.__array_namespace__()
+                register_array_type(type(a))
+            else:
+                try:
+                    import array_api_compat
 
-                xp = array_api_compat.array_namespace(a)
-            except (ImportError, TypeError):
-                raise MiniLoraTypeError(f"expected an array; got {type(a).__name__}") from None
-            register_array_type(type(a))
+                    xp = array_api_compat.array_namespace(a)
+                except (ImportError, TypeError):
+                    raise MiniLoraTypeError(f"expected an array; got {type(a).__name__}") from None
+                register_array_type(type(a))
         if found is None:
             found = xp
         elif xp is not found:

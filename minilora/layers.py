@@ -15,7 +15,7 @@ import math
 from typing import Any
 
 import numpy as np
-from autograd.tracer import getval
+from autograd.tracer import Box, getval
 
 from . import ops
 from ._checks import (
@@ -152,12 +152,16 @@ def lora_dense(
     (from ``dropout_mask``: entries 0 or 1/(1-p)) -> y (..., d_out).
     """
     W, b, d_in, d_out = _base(params, x, fan_in_fan_out)
-    A, B = _lora_factors(lora, d_in, d_out)
+    A, B = _lora_factors(getval(lora), d_in, d_out)  # values only: no graph nodes for checking
     scale = check_real(scale, "scale")
     if dropout_mask is not None:
         check_shape(dropout_mask, "dropout_mask", tuple(getval(x).shape), "x.shape")
     check_floats(x=x, W=W, b=b, A=A, B=B, dropout_mask=dropout_mask)
-    return ops.lora_linear(x, W, b, A, B, dropout_mask, scale=scale, fan_in_fan_out=fan_in_fan_out)
+    if isinstance(lora, Box) and set(getval(lora)) == {"A", "B"}:
+        # differentiated as one dict: one node instead of a lookup per factor (ops.lora_linear_tree)
+        return ops.lora_linear_tree(x, W, b, lora, dropout_mask, scale=scale, fan_in_fan_out=fan_in_fan_out)
+    return ops.lora_linear(x, W, b, lora["A"], lora["B"], dropout_mask, scale=scale,
+                           fan_in_fan_out=fan_in_fan_out)
 
 
 def dropout_mask(rng: Any, shape: tuple[int, ...], p: float, dtype: Any = "float64") -> Any:

@@ -16,16 +16,34 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 from autograd.extend import defjvp, defjvp_argnums, defvjp, defvjp_argnums, primitive
 
 from .backend import namespace_of
 
-__all__ = ["linear", "lora_linear", "lora_delta", "l1_loss_op", "mse_loss_op"]
+__all__ = [
+    "linear", "lora_linear", "lora_linear_tree", "lora_delta", "residual", "l1_reduce", "sq_reduce", "l1_loss_op", "mse_loss_op",
+]
 
 
 def _flat(a: Any, d: int, xp: Any) -> Any:
     """(..., d) -> (n, d): batch dimensions folded into one, for the weight gradients."""
     return a if a.ndim == 2 else xp.reshape(a, (-1, d))
+
+
+def _add_(y: Any, z: Any) -> Any:
+    """y + z, written into y when y is a NumPy array (y must be a temporary this module made)."""
+    return np.add(y, z, out=y) if type(y) is np.ndarray else y + z
+
+
+def _mul_(y: Any, z: Any) -> Any:
+    """y * z, written into y when y is a NumPy array (y must be a temporary this module made)."""
+    return np.multiply(y, z, out=y) if type(y) is np.ndarray else y * z
+
+
+def _div_(y: Any, z: Any) -> Any:
+    """y / z, written into y when y is a NumPy array (y must be a temporary this module made)."""
+    return np.divide(y, z, out=y) if type(y) is np.ndarray else y / z
 
 
 def _weight(W: Any, fan_in_fan_out: bool) -> Any:
@@ -69,9 +87,20 @@ def lora_linear(
     """
     xp = namespace_of(x, W, b, A, B, mask)
     xm = x if mask is None else x * mask
-    h = xp.matmul(xm, A.T) * scale  # (..., r)
-    y = xp.matmul(x, _weight(W, fan_in_fan_out)) + xp.matmul(h, B.T)
-    return y if b is None else y + b
+    h = _mul_(xp.matmul(xm, A.T), scale)  # (..., r)
+    y = _add_(xp.matmul(x, _weight(W, fan_in_fan_out)), xp.matmul(h, B.T))
+    return y if b is None else _add_(y, b)
+
+
+@primitive
+def lora_linear_tree(
+    x: Any, W: Any, b: Any, lora: dict, mask: Any = None, *, scale: float = 1.0, fan_in_fan_out: bool = False
+) -> Any:
+    """``lora_linear`` taking the adapter as one dict {"A", "B"}: one node, and the gradient comes
+    back as a dict directly, instead of a lookup node per factor and a scatter of each factor's
+    gradient into a zero dict (autograd's container handling), which costs more than the seed's
+    (32, 100) x (100, r) products themselves."""
+    return lora_linear.fun(x, W, b, lora["A"], lora["B"], mask, scale=scale, fan_in_fan_out=fan_in_fan_out)
 
 
 @primitive
@@ -87,20 +116,35 @@ def lora_delta(A: Any, B: Any, *, scale: float = 1.0, fan_in_fan_out: bool = Fal
 
 
 @primitive
-def l1_loss_op(pred: Any, target: Any, *, mean: bool = True) -> Any:
-    """sum |pred - target| (divided by its element count when ``mean``); a 0-d array."""
-    xp = namespace_of(pred, target)
-    total = xp.sum(xp.abs(pred - target))
-    return total / _count(pred) if mean else total
+def residual(pred: Any, target: Any) -> Any:
+    """d = pred - target (same shapes). Its own node, so the loss gradients reuse d."""
+    return pred - target
 
 
 @primitive
+def l1_reduce(d: Any, *, mean: bool = True) -> Any:
+    """sum |d| (divided by its element count when ``mean``); a 0-d array."""
+    xp = namespace_of(d)
+    total = xp.sum(xp.abs(d))
+    return total / _count(d) if mean else total
+
+
+@primitive
+def sq_reduce(d: Any, *, mean: bool = True) -> Any:
+    """sum d^2 (divided by its element count when ``mean``); a 0-d array."""
+    xp = namespace_of(d)
+    total = np.vdot(d, d) if xp is np else xp.sum(d * d)  # vdot: one BLAS pass, no d*d temporary
+    return total / _count(d) if mean else total
+
+
+def l1_loss_op(pred: Any, target: Any, *, mean: bool = True) -> Any:
+    """sum |pred - target| (divided by its element count when ``mean``); a 0-d array."""
+    return l1_reduce(residual(pred, target), mean=mean)
+
+
 def mse_loss_op(pred: Any, target: Any, *, mean: bool = True) -> Any:
     """sum (pred - target)^2 (divided by its element count when ``mean``); a 0-d array."""
-    xp = namespace_of(pred, target)
-    d = pred - target
-    total = xp.sum(d * d)
-    return total / _count(pred) if mean else total
+    return sq_reduce(residual(pred, target), mean=mean)
 
 
 def _count(a: Any) -> int:
@@ -118,9 +162,11 @@ def _count(a: Any) -> int:
 #   linear:       dx = g W             dW = G^T X  (fif: X^T G)     db = sum_n G
 #   lora_linear:  dx = g W + s (g B A) * mask       dW, db as linear
 #                 dA = s (G B)^T Xm    dB = s G^T H                 dmask = s (g B A) * x
+#   lora_linear_tree: as lora_linear, with (dA, dB) returned as the dict {"A": dA, "B": dB}
 #   lora_delta:   dA = s B^T g         dB = s g A^T                 (fif: g transposed first)
-#   l1:           dpred = sign(pred - target) * (g / N)    dtarget = -dpred
-#   mse:          dpred = (pred - target) * (2/N * g)      dtarget = -dpred
+#   residual:     dpred = g            dtarget = -g
+#   l1_reduce:    dd = sign(d) * (g / N)
+#   sq_reduce:    dd = d * (2/N * g)
 #
 # The loss formulas keep PyTorch's order of rounding (``l1_loss`` = mean(abs(d)) backward,
 # ATen ``mse_loss_backward``: d * (norm * g)), so gradients agree bit for bit where the
@@ -226,6 +272,32 @@ def _lora_linear_jvp(argnums: tuple[int, ...], gs: list, ans: Any, args: tuple, 
     return out
 
 
+def _to_flat(args: tuple, kwargs: dict) -> tuple:
+    """``lora_linear_tree``'s arguments as ``lora_linear``'s (x, W, b, A, B, mask)."""
+    lora = args[3]
+    mask = args[4] if len(args) > 4 else kwargs.get("mask")
+    return (args[0], args[1], args[2], lora["A"], lora["B"], mask)
+
+
+def _flat_argnums(argnums: tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(n for a in argnums for n in ((3, 4) if a == 3 else ((5,) if a == 4 else (a,))))
+
+
+def _lora_tree_vjp(argnums: tuple[int, ...], ans: Any, args: tuple, kwargs: dict) -> Any:
+    inner = _lora_linear_vjp(_flat_argnums(argnums), ans, _to_flat(args, kwargs), kwargs)
+
+    def vjp(g: Any) -> list[Any]:
+        grads = iter(inner(g))
+        return [{"A": next(grads), "B": next(grads)} if a == 3 else next(grads) for a in argnums]
+
+    return vjp
+
+
+def _lora_tree_jvp(argnums: tuple[int, ...], gs: list, ans: Any, args: tuple, kwargs: dict) -> Any:
+    flat_gs = [t for a, g in zip(argnums, gs) for t in ((g["A"], g["B"]) if a == 3 else (g,))]
+    return _lora_linear_jvp(_flat_argnums(argnums), flat_gs, ans, _to_flat(args, kwargs), kwargs)
+
+
 def _delta_vjp(argnums: tuple[int, ...], ans: Any, args: tuple, kwargs: dict) -> Any:
     A, B = args[0], args[1]
     scale = kwargs.get("scale", 1.0)
@@ -251,40 +323,40 @@ def _delta_jvp(argnums: tuple[int, ...], gs: list, ans: Any, args: tuple, kwargs
     return out
 
 
-def _l1_grad(ans: Any, pred: Any, target: Any, mean: bool = True) -> Any:
-    xp = namespace_of(pred, target)
-    n = _count(pred) if mean else 1
-    return lambda g: xp.sign(pred - target) * (g / n)
+def _l1_grad(ans: Any, d: Any, mean: bool = True) -> Any:
+    xp = namespace_of(d)
+    n = _count(d) if mean else 1
+    return lambda g: _mul_(xp.sign(d), g / n)
 
 
-def _mse_grad(ans: Any, pred: Any, target: Any, mean: bool = True) -> Any:
-    n = _count(pred) if mean else 1
-    return lambda g: (pred - target) * ((2.0 / n) * g)
+def _sq_grad(ans: Any, d: Any, mean: bool = True) -> Any:
+    n = _count(d) if mean else 1
+    return lambda g: d * ((2.0 / n) * g)
 
 
-def _negated(maker: Any) -> Any:
-    return lambda ans, *args, **kw: (lambda vjp: lambda g: -vjp(g))(maker(ans, *args, **kw))
+def _l1_jvp(t: Any, ans: Any, d: Any, mean: bool = True) -> Any:
+    xp = namespace_of(d)
+    s = xp.sum(xp.sign(d) * t)
+    return s / _count(d) if mean else s
 
 
-def _l1_jvp(t: Any, ans: Any, pred: Any, target: Any, mean: bool = True) -> Any:
-    xp = namespace_of(pred, target)
-    s = xp.sum(xp.sign(pred - target) * t)
-    return s / _count(pred) if mean else s
-
-
-def _mse_jvp(t: Any, ans: Any, pred: Any, target: Any, mean: bool = True) -> Any:
-    xp = namespace_of(pred, target)
-    s = xp.sum((pred - target) * t) * 2.0
-    return s / _count(pred) if mean else s
+def _sq_jvp(t: Any, ans: Any, d: Any, mean: bool = True) -> Any:
+    xp = namespace_of(d)
+    s = xp.sum(d * t) * 2.0
+    return s / _count(d) if mean else s
 
 
 defvjp_argnums(linear, _linear_vjp)
 defjvp_argnums(linear, _linear_jvp)
 defvjp_argnums(lora_linear, _lora_linear_vjp)
 defjvp_argnums(lora_linear, _lora_linear_jvp)
+defvjp_argnums(lora_linear_tree, _lora_tree_vjp)
+defjvp_argnums(lora_linear_tree, _lora_tree_jvp)
 defvjp_argnums(lora_delta, _delta_vjp)
 defjvp_argnums(lora_delta, _delta_jvp)
-defvjp(l1_loss_op, _l1_grad, _negated(_l1_grad))
-defjvp(l1_loss_op, _l1_jvp, lambda t, ans, p, q, mean=True: -_l1_jvp(t, ans, p, q, mean))
-defvjp(mse_loss_op, _mse_grad, _negated(_mse_grad))
-defjvp(mse_loss_op, _mse_jvp, lambda t, ans, p, q, mean=True: -_mse_jvp(t, ans, p, q, mean))
+defvjp(residual, lambda ans, p, q: lambda g: g, lambda ans, p, q: lambda g: -g)
+defjvp(residual, lambda t, ans, p, q: t, lambda t, ans, p, q: -t)
+defvjp(l1_reduce, _l1_grad)
+defjvp(l1_reduce, _l1_jvp)
+defvjp(sq_reduce, _sq_grad)
+defjvp(sq_reduce, _sq_jvp)

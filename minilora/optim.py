@@ -17,12 +17,13 @@ The state is a plain dict with the step counter in it, so a run can be saved and
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 from autograd.tracer import getval
 
 from ._checks import check_real
 from .backend import namespace_of, tree_map
+from .ops import _add_, _div_, _mul_
 from .errors import MiniLoraTypeError, MiniLoraValueError
 
 __all__ = ["adam_init", "adam_step"]
@@ -67,6 +68,40 @@ def adam_init(params: Any, *, amsgrad: bool = False) -> dict:
     return state
 
 
+class AdamOptions(NamedTuple):
+    """Validated hyper-parameters (``adam_options``), so a loop checks them once."""
+
+    lr: float
+    b1: float
+    b2: float
+    eps: float
+    weight_decay: float
+    decoupled: bool
+    amsgrad: bool
+    maximize: bool
+
+
+def adam_options(
+    *,
+    lr: float = 1e-3,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    decoupled: bool = False,
+    amsgrad: bool = False,
+    maximize: bool = False,
+) -> AdamOptions:
+    """Check Adam's hyper-parameters: lr, eps, weight_decay >= 0 and both betas in [0, 1)."""
+    lr = check_real(lr, "lr", low=0.0)
+    if not (isinstance(betas, tuple | list) and len(betas) == 2):
+        raise MiniLoraValueError(f"betas must be a pair (beta1, beta2); got {betas!r}")
+    b1 = check_real(betas[0], "betas[0]", low=0.0, high=1.0, high_open=True)
+    b2 = check_real(betas[1], "betas[1]", low=0.0, high=1.0, high_open=True)
+    eps = check_real(eps, "eps", low=0.0)
+    wd = check_real(weight_decay, "weight_decay", low=0.0)
+    return AdamOptions(lr, b1, b2, eps, wd, bool(decoupled), bool(amsgrad), bool(maximize))
+
+
 def adam_step(
     params: Any,
     grads: Any,
@@ -85,24 +120,32 @@ def adam_step(
     params, grads: trees of arrays with the same structure and shapes; state from ``adam_init``
     (or a previous step). ``amsgrad`` and ``maximize`` as in ``torch.optim.Adam``.
     """
-    lr = check_real(lr, "lr", low=0.0)
-    if not (isinstance(betas, tuple | list) and len(betas) == 2):
-        raise MiniLoraValueError(f"betas must be a pair (beta1, beta2); got {betas!r}")
-    b1 = check_real(betas[0], "betas[0]", low=0.0, high=1.0, high_open=True)
-    b2 = check_real(betas[1], "betas[1]", low=0.0, high=1.0, high_open=True)
-    eps = check_real(eps, "eps", low=0.0)
-    wd = check_real(weight_decay, "weight_decay", low=0.0)
+    opts = adam_options(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, decoupled=decoupled,
+                        amsgrad=amsgrad, maximize=maximize)
+    check_adam_state(params, state, amsgrad)
+    grads = getval(grads)
+    _check_same_structure(params, grads, "grads")
+    return adam_apply(params, grads, state, opts)
+
+
+def check_adam_state(params: Any, state: Any, amsgrad: bool) -> None:
     if not isinstance(state, dict) or not {"step", "m", "v"} <= set(state):
         raise MiniLoraValueError("state must be the dict returned by adam_init (keys 'step', 'm', 'v')")
     if amsgrad and "v_max" not in state:
         raise MiniLoraValueError("amsgrad=True needs a state from adam_init(params, amsgrad=True)")
-    grads = getval(grads)
-    _check_same_structure(params, grads, "grads")
     _check_same_structure(params, state["m"], "state['m']")
 
+
+def adam_apply(params: Any, grads: Any, state: dict, opts: AdamOptions) -> tuple[Any, dict]:
+    """The update itself, on already validated inputs (``adam_step`` checks them first).
+
+    Each line keeps torch's order of rounding; the temporaries are reused in place on NumPy.
+    """
+    lr, b1, b2, eps, wd, decoupled, amsgrad, maximize = opts
     t = int(state["step"]) + 1
     step_size = lr / (1 - b1**t)
     bc2_sqrt = (1 - b2**t) ** 0.5
+    w = 1 - b1
 
     def update(p: Any, g: Any, m: Any, v: Any, v_max: Any = None) -> tuple[Any, ...]:
         xp = namespace_of(p, g)
@@ -113,13 +156,15 @@ def adam_step(
                 p = p * (1 - lr * wd)
             else:
                 g = g + p * wd
-        w = 1 - b1
-        m = m + w * (g - m) if w < 0.5 else g - (g - m) * (1 - w)
-        v = v * b2 + (1 - b2) * g * g
+        if w < 0.5:
+            m = _add_(_mul_(g - m, w), m)  # m + w (g - m): torch's lerp for weights < 0.5
+        else:
+            m = g - _mul_(g - m, 1 - w)
+        v = _add_(v * b2, _mul_((1 - b2) * g, g))
         if v_max is not None:
             v_max = xp.maximum(v_max, v)
-        denom = xp.sqrt(v if v_max is None else v_max) / bc2_sqrt + eps
-        return (p + (-step_size) * m / denom, m, v, v_max)
+        denom = _add_(_div_(xp.sqrt(v if v_max is None else v_max), bc2_sqrt), eps)
+        return (_add_(_div_(m * (-step_size), denom), p), m, v, v_max)
 
     pairs = _leaves(params)
     flat = [

@@ -17,7 +17,7 @@ from autograd.tracer import getval
 
 from .backend import namespace_of
 from .errors import MiniLoraTypeError, MiniLoraValueError, NonFiniteError
-from .optim import _leaves, adam_init, adam_step
+from .optim import _leaves, adam_apply, adam_init, adam_options, check_adam_state
 
 __all__ = ["grad", "value_and_grad", "count_params", "fit"]
 
@@ -101,14 +101,19 @@ def fit(
             f"data_or_args must be a tuple of arguments or a callable step -> tuple; "
             f"got {type(data_or_args).__name__}"
         )
-    vg = value_and_grad(loss_fn)
+    vg = autograd.value_and_grad(loss_fn)  # array types are registered below, per new argument
+    opts = adam_options(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, decoupled=decoupled,
+                        amsgrad=amsgrad)
     state = adam_init(params, amsgrad=amsgrad) if state is None else state
-    options: dict[str, Any] = dict(
-        lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, decoupled=decoupled, amsgrad=amsgrad
-    )
+    check_adam_state(params, state, amsgrad)
     losses: list[float] = []
+    _register((params, data_or_args if isinstance(data_or_args, tuple) else ()))
     for step in range(1, steps + 1):
-        args = data_or_args(step) if callable(data_or_args) else data_or_args
+        if callable(data_or_args):
+            args = data_or_args(step)
+            _register(args)
+        else:
+            args = data_or_args
         loss, grads = vg(params, *args)
         value = float(loss)
         if not math.isfinite(value):
@@ -118,7 +123,7 @@ def fit(
                 partial=(params, losses, state),
             )
         losses.append(value)
-        params, state = adam_step(params, grads, state, **options)
+        params, state = adam_apply(params, grads, state, opts)  # grads mirror params by construction
         if callback is not None and callback(step, value, params, state) is True:
             break
     return (params, losses, state) if return_state else (params, losses)
