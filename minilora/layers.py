@@ -30,7 +30,7 @@ from ._checks import (
     check_shape,
     get_key,
 )
-from .backend import get_backend
+from .backend import get_backend, namespace_of
 from .errors import NonFiniteError, ShapeError
 
 __all__ = [
@@ -203,7 +203,7 @@ def _merged(params: dict, lora: dict, scale: float, fan_in_fan_out: bool, sign: 
     delta = delta_weight(lora, scale=scale, fan_in_fan_out=fan_in_fan_out)
     new_W = W + delta if sign > 0 else W - delta
     value = getval(new_W)
-    xp = getattr(value, "__array_namespace__", lambda: np)()
+    xp = namespace_of(value)
     finite = xp.isfinite(value)
     if not bool(xp.all(finite)):
         bad = math.prod(shape) - int(xp.count_nonzero(finite))

@@ -1,0 +1,220 @@
+"""Time one LoRA training step: minilora, PyTorch eager (CPU), and the BLAS floor.
+
+A step is: lora forward y = x W^T + s (x A^T) B^T, the loss (MSE or L1, mean), the gradients
+for A and B (W is frozen), and one Adam update of A and B. The three contenders, in one process:
+
+    minilora  value_and_grad(loss)(lora, frozen, x, y) + adam_step
+    torch     the same with nn.Parameter A, B, F.linear, F.mse_loss / F.l1_loss, backward,
+              torch.optim.Adam (skipped with a note when torch is not installed)
+    floor     only the matrix products the step cannot avoid, as bare NumPy calls:
+              x W^T, x A^T, (x A^T) B^T for the forward; G B, (G B)^T x, G^T (x A^T) for
+              the gradients (G the loss gradient, given)
+
+Medians of repeated runs after warm-up; the ratios minilora/floor and minilora/torch are
+measured in the same run. Usage:
+
+    python benchmarks/bench_step.py [--quick] [--json PATH] [--repeat N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from typing import Any
+
+# torch's OpenMP threads spin for 200 ms after each parallel region by default, stealing the
+# cores from whatever runs next (here: NumPy's BLAS in the same process). Make them sleep instead.
+os.environ.setdefault("KMP_BLOCKTIME", "0")
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import numpy as np  # noqa: E402
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import minilora as ml  # noqa: E402
+from minilora._io import atomic_open  # noqa: E402
+
+SHAPES = [(32, 100, 100, 4), (256, 1024, 1024, 8), (2048, 1024, 1024, 8), (512, 4096, 4096, 16)]
+QUICK_SHAPES = [(32, 100, 100, 4), (256, 1024, 1024, 8)]
+DTYPES = ("float64", "float32")
+LOSSES = ("mse", "l1")
+
+
+def median_times(fns: dict, repeat: int, warmup: int = 2) -> dict:
+    """Median seconds per call of each function, calls interleaved round-robin so that a noisy
+    moment on the machine hits every contender alike (the ratios are what we report)."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times: dict = {k: [] for k in fns}
+    for _ in range(repeat):
+        for k, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def repeats_for(n: int, d_in: int, d_out: int, base: int) -> int:
+    work = n * d_in * d_out
+    return base if work < 1e8 else max(3, base // 4) if work < 2e9 else 3
+
+
+def make_case(n: int, d_in: int, d_out: int, r: int, dtype: str) -> dict:
+    rng = np.random.default_rng(0)
+    return {
+        "W": (rng.standard_normal((d_out, d_in)) / np.sqrt(d_in)).astype(dtype),
+        "A": (rng.standard_normal((r, d_in)) / np.sqrt(d_in)).astype(dtype),
+        "B": (rng.standard_normal((d_out, r)) * 0.01).astype(dtype),
+        "x": rng.standard_normal((n, d_in)).astype(dtype),
+        "y": rng.standard_normal((n, d_out)).astype(dtype),
+        "G": (rng.standard_normal((n, d_out)) / (n * d_out)).astype(dtype),
+        "scale": 2.0,
+    }
+
+
+def minilora_step(c: dict, loss: str) -> Any:
+    loss_fn = ml.mse_loss if loss == "mse" else ml.l1_loss
+    frozen = {"W": c["W"]}
+    scale = c["scale"]
+
+    def objective(lora: dict, frozen: dict, x: Any, y: Any) -> Any:
+        return loss_fn(ml.lora_dense(frozen, lora, x, scale=scale), y)
+
+    vg = ml.value_and_grad(objective)
+    box = {"lora": {"A": c["A"].copy(), "B": c["B"].copy()}}
+    box["state"] = ml.adam_init(box["lora"])
+
+    def step() -> None:
+        _, g = vg(box["lora"], frozen, c["x"], c["y"])
+        box["lora"], box["state"] = ml.adam_step(box["lora"], g, box["state"], lr=1e-4)
+
+    return step
+
+
+def floor_step(c: dict) -> Any:
+    W, A, B, x, G = c["W"], c["A"], c["B"], c["x"], c["G"]
+
+    def step() -> None:
+        h = x @ A.T
+        _ = x @ W.T
+        _ = h @ B.T
+        gB = G @ B
+        _ = gB.T @ x
+        _ = G.T @ h
+
+    return step
+
+
+def torch_step(c: dict, loss: str, torch: Any) -> Any:
+    F = torch.nn.functional
+    W = torch.from_numpy(c["W"])
+    A = torch.nn.Parameter(torch.from_numpy(c["A"].copy()))
+    B = torch.nn.Parameter(torch.from_numpy(c["B"].copy()))
+    x, y = torch.from_numpy(c["x"]), torch.from_numpy(c["y"])
+    scale = c["scale"]
+    loss_fn = F.mse_loss if loss == "mse" else F.l1_loss
+    opt = torch.optim.Adam([A, B], lr=1e-4)
+
+    def step() -> None:
+        opt.zero_grad()
+        out = F.linear(x, W) + F.linear(F.linear(x, A), B) * scale
+        loss_fn(out, y).backward()
+        opt.step()
+
+    return step
+
+
+def run(shapes: list, repeat: int, torch: Any) -> list[dict]:
+    records = []
+    for n, d_in, d_out, r in shapes:
+        for dtype in DTYPES:
+            c = make_case(n, d_in, d_out, r, dtype)
+            reps = repeats_for(n, d_in, d_out, repeat)
+            for loss in LOSSES:
+                fns = {"floor": floor_step(c), "minilora": minilora_step(c, loss)}
+                if torch is not None:
+                    fns["torch"] = torch_step(c, loss, torch)
+                med = median_times(fns, reps)
+                floor_s, mini_s, torch_s = med["floor"], med["minilora"], med.get("torch")
+                records.append({
+                    "name": f"n{n}_in{d_in}_out{d_out}_r{r}_{dtype}_{loss}",
+                    "dtype": dtype, "n": n, "d_in": d_in, "d_out": d_out, "r": r, "loss": loss,
+                    "minilora_s": mini_s, "torch_s": torch_s, "floor_s": floor_s,
+                })
+                print_row(records[-1])
+    return records
+
+
+def print_header() -> None:
+    print(f"{'n':>5} {'d_in':>5} {'d_out':>5} {'r':>3} {'dtype':>8} {'loss':>4} "
+          f"{'minilora ms':>12} {'torch ms':>10} {'floor ms':>9} {'mini/floor':>10} {'mini/torch':>10}")
+
+
+def print_row(rec: dict) -> None:
+    t = rec["torch_s"]
+    torch_ms = "-" if t is None else f"{t * 1e3:.3f}"
+    vs_torch = "-" if t is None else f"{rec['minilora_s'] / t:.2f}"
+    print(f"{rec['n']:>5} {rec['d_in']:>5} {rec['d_out']:>5} {rec['r']:>3} {rec['dtype']:>8} {rec['loss']:>4} "
+          f"{rec['minilora_s'] * 1e3:>12.3f} {torch_ms:>10} {rec['floor_s'] * 1e3:>9.3f} "
+          f"{rec['minilora_s'] / rec['floor_s']:>10.2f} {vs_torch:>10}", flush=True)
+
+
+def environment(torch: Any) -> dict:
+    env = {
+        "python": platform.python_version(), "numpy": np.__version__, "minilora": ml.__version__,
+        "torch": getattr(torch, "__version__", None), "machine": platform.machine(),
+        "cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
+    }
+    try:
+        from threadpoolctl import threadpool_info
+
+        env["blas"] = [{k: i.get(k) for k in ("internal_api", "version", "num_threads", "architecture")}
+                       for i in threadpool_info()]
+    except ImportError:
+        pass
+    if torch is not None:
+        env["torch_threads"] = torch.get_num_threads()
+    return env
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="two shapes, fewer repeats (under a minute)")
+    p.add_argument("--json", metavar="PATH", help="write one record per case")
+    p.add_argument("--repeat", type=int, default=20, help="repeats for the small shapes (default 20)")
+    p.add_argument("--shapes", nargs="+", metavar="NxDINxDOUTxR",
+                   help="run these shapes instead, e.g. 256x1024x1024x8")
+    args = p.parse_args(argv)
+    try:
+        import torch
+
+        torch.set_num_threads(os.cpu_count() or 1)  # the same threads as NumPy's BLAS
+    except ImportError:
+        torch = None
+        print("note: torch is not installed; the torch column is skipped (pip install -e '.[compare]')")
+    shapes = QUICK_SHAPES if args.quick else SHAPES
+    if args.shapes:
+        try:
+            shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes]
+            assert all(len(s) == 4 and min(s) > 0 for s in shapes)
+        except (ValueError, AssertionError):
+            p.error(f"--shapes takes N x D_IN x D_OUT x R with positive integers, e.g. 256x1024x1024x8; "
+                    f"got {' '.join(args.shapes)}")
+    repeat = min(args.repeat, 7) if args.quick else args.repeat
+    print_header()
+    records = run(shapes, repeat, torch)
+    if args.json:
+        env = environment(torch)
+        with atomic_open(args.json, "w") as fh:
+            json.dump([{**rec, "environment": env} for rec in records], fh, indent=1)
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

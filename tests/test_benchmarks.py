@@ -1,0 +1,90 @@
+"""The benchmark scripts run and write what they promise. No timing is asserted here: speed is
+measured by running the scripts themselves (see docs/performance.md), never by tests."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import require
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "benchmarks"
+
+
+def run(script: str, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(BENCH / script), *args], capture_output=True, text=True,
+                          check=check, timeout=300)
+
+
+def test_bench_step_writes_one_record_per_case(tmp_path: Path) -> None:
+    require("torch")
+    out = tmp_path / "step.json"
+    run("bench_step.py", "--shapes", "8x16x12x2", "--repeat", "2", "--json", str(out))
+    records = json.loads(out.read_text())
+    assert len(records) == 4  # one shape x (float64, float32) x (mse, l1)
+    for rec in records:
+        for key in ("name", "dtype", "n", "d_in", "d_out", "r", "loss", "minilora_s", "torch_s", "floor_s"):
+            assert key in rec, key
+        assert (rec["n"], rec["d_in"], rec["d_out"], rec["r"]) == (8, 16, 12, 2)
+        assert rec["minilora_s"] > 0 and rec["floor_s"] > 0 and rec["torch_s"] > 0
+    assert {(r["dtype"], r["loss"]) for r in records} == {(d, lo) for d in ("float64", "float32") for lo in ("mse", "l1")}
+
+
+def test_bench_step_rejects_bad_shapes() -> None:
+    proc = run("bench_step.py", "--shapes", "8x16x12", check=False)
+    assert proc.returncode != 0 and "--shapes" in proc.stderr
+
+
+def test_bench_memory_finds_no_weight_sized_temporary_in_a_lora_step(tmp_path: Path) -> None:
+    out = tmp_path / "mem.json"
+    run("bench_memory.py", "--n", "16", "--d", "512", "--rank", "4", "--dtype", "float64", "--json", str(out))
+    (rec,) = json.loads(out.read_text())
+    assert rec["lora_step_allocates_weight_sized_temporary"] is False
+    assert rec["lora"]["step_peak_bytes"] < rec["lora"]["weight_bytes"]
+    # the full fine-tuning step must hold W's gradient at least: the measurement sees it
+    assert rec["full"]["step_peak_bytes"] >= rec["full"]["weight_bytes"]
+    assert rec["lora"]["trainable_params"] == 2 * 4 * 512 and rec["full"]["trainable_params"] == 512 * 512
+
+
+def test_bench_import_reports_no_heavy_module(tmp_path: Path) -> None:
+    out = tmp_path / "imp.json"
+    proc = run("bench_import.py", "--runs", "2", "--json", str(out), check=False)
+    rec = json.loads(out.read_text())
+    assert rec["heavy_modules_imported"] == []
+    assert rec["numpy_ms"] > 0 and rec["minilora_extra_ms"] > 0
+    assert "import minilora on top" in proc.stdout
+
+
+def test_bench_seed_compares_with_torch(tmp_path: Path) -> None:
+    require("torch")
+    out = tmp_path / "seed.json"
+    run("bench_seed.py", "--steps", "20", "--repeat", "1", "--json", str(out))
+    records = json.loads(out.read_text())
+    assert [r["dtype"] for r in records] == ["float64", "float32"]
+    # same initial values, same algorithm: float64 histories agree far below any tolerance worry
+    assert records[0]["max_rel_loss_diff"] < 1e-12
+
+
+def test_gpu_check_says_no_cuda_device_here() -> None:
+    try:
+        import cupy  # noqa: F401
+
+        pytest.skip("CuPy is installed here: the no-device message does not apply")
+    except ImportError:
+        pass
+    proc = run("gpu_check.py")
+    assert proc.returncode == 0
+    assert "no CUDA device" in proc.stdout
+
+
+def test_gpu_check_correctness_part_passes_on_the_cpu_stand_in() -> None:
+    require("array_api_strict")
+    proc = run("gpu_check.py", "--stand-in")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    for check in ("forward", "grad x", "grad A", "grad B", "20 Adam steps: A", "20 Adam steps: B"):
+        assert check in proc.stdout
+    assert "FAIL" not in proc.stdout
