@@ -18,12 +18,7 @@ import sys
 import time
 from typing import Any
 
-# torch's OpenMP threads spin for 200 ms after each parallel region by default, stealing the
-# cores from whatever runs next (here: NumPy's BLAS in the same process). Make them sleep instead.
-os.environ.setdefault("KMP_BLOCKTIME", "0")
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-import numpy as np  # noqa: E402
+import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import minilora as ml  # noqa: E402
@@ -79,8 +74,10 @@ def main(argv: list[str] | None = None) -> int:
     for dtype in ("float64", "float32"):
         run_minilora(args.steps, dtype), run_torch(args.steps, dtype, torch)  # warm-up
         mini, tor = [], []
-        for _ in range(args.repeat):  # interleaved, so a noisy moment hits both sides
+        for _ in range(args.repeat):  # interleaved, so a noisy moment hits both sides;
+            time.sleep(0.3)  # the pauses outlast torch's OpenMP spin-wait (200 ms by default)
             mini.append(run_minilora(args.steps, dtype))
+            time.sleep(0.3)
             tor.append(run_torch(args.steps, dtype, torch))
         m_s = statistics.median(t for t, _ in mini)
         t_s = statistics.median(t for t, _ in tor)

@@ -10,10 +10,11 @@ for A and B (W is frozen), and one Adam update of A and B. The three contenders,
               x W^T, x A^T, (x A^T) B^T for the forward; G B, (G B)^T x, G^T (x A^T) for
               the gradients (G the loss gradient, given)
 
-Medians of repeated runs after warm-up; the ratios minilora/floor and minilora/torch are
-measured in the same run. Usage:
+Each contender runs in blocks of repeated calls after a warm-up, three block cycles; medians
+are reported, and the ratios minilora/floor and minilora/torch are measured in the same run.
+The threads are the defaults of both libraries (all cores). Usage:
 
-    python benchmarks/bench_step.py [--quick] [--json PATH] [--repeat N]
+    python benchmarks/bench_step.py [--quick] [--json PATH] [--repeat N] [--shapes NxDINxDOUTxR ...]
 """
 
 from __future__ import annotations
@@ -27,12 +28,7 @@ import sys
 import time
 from typing import Any
 
-# torch's OpenMP threads spin for 200 ms after each parallel region by default, stealing the
-# cores from whatever runs next (here: NumPy's BLAS in the same process). Make them sleep instead.
-os.environ.setdefault("KMP_BLOCKTIME", "0")
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-import numpy as np  # noqa: E402
+import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import minilora as ml  # noqa: E402
@@ -44,24 +40,33 @@ DTYPES = ("float64", "float32")
 LOSSES = ("mse", "l1")
 
 
+# torch's OpenMP threads keep spinning for a while (KMP_BLOCKTIME, 200 ms by default) after
+# each parallel region, taking the cores from whatever runs next. Contenders therefore run in
+# blocks separated by a pause longer than that, and the block cycle repeats so that slow drifts
+# of the machine's load hit every contender alike. torch keeps its default settings.
+PAUSE_S = 0.3
+CYCLES = 3
+
+
 def median_times(fns: dict, repeat: int, warmup: int = 2) -> dict:
-    """Median seconds per call of each function, calls interleaved round-robin so that a noisy
-    moment on the machine hits every contender alike (the ratios are what we report)."""
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
+    """Median seconds per call of each function over CYCLES blocks of ``repeat`` calls each."""
     times: dict = {k: [] for k in fns}
-    for _ in range(repeat):
+    for cycle in range(CYCLES):
         for k, fn in fns.items():
-            t = time.perf_counter()
-            fn()
-            times[k].append(time.perf_counter() - t)
+            time.sleep(PAUSE_S)
+            for _ in range(warmup if cycle == 0 else 1):
+                fn()
+            for _ in range(repeat):
+                t = time.perf_counter()
+                fn()
+                times[k].append(time.perf_counter() - t)
     return {k: statistics.median(v) for k, v in times.items()}
 
 
 def repeats_for(n: int, d_in: int, d_out: int, base: int) -> int:
+    """Calls per block: many for cheap steps, few for the 4096-wide ones (~0.5 s a step)."""
     work = n * d_in * d_out
-    return base if work < 1e8 else max(3, base // 4) if work < 2e9 else 3
+    return base if work < 1e8 else max(2, base // 4) if work < 2e9 else 2
 
 
 def make_case(n: int, d_in: int, d_out: int, r: int, dtype: str) -> dict:

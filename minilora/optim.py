@@ -166,23 +166,25 @@ def adam_apply(params: Any, grads: Any, state: dict, opts: AdamOptions) -> tuple
         denom = _add_(_div_(xp.sqrt(v if v_max is None else v_max), bc2_sqrt), eps)
         return (_add_(_div_(m * (-step_size), denom), p), m, v, v_max)
 
-    pairs = _leaves(params)
-    flat = [
-        update(p, g, m, v, vm)
-        for (_, p), (_, g), (_, m), (_, v), vm in zip(
-            pairs,
-            _leaves(grads),
-            _leaves(state["m"]),
-            _leaves(state["v"]),
-            [leaf for _, leaf in _leaves(state["v_max"])] if amsgrad else [None] * len(pairs),
-        )
-    ]
+    p_leaves, rebuild = _flatten(params)
+    ms, vs = _flatten(state["m"])[0], _flatten(state["v"])[0]
+    v_maxes = _flatten(state["v_max"])[0] if amsgrad else [None] * len(p_leaves)
+    flat = [update(*leaf) for leaf in zip(p_leaves, _flatten(grads)[0], ms, vs, v_maxes)]
     columns = list(zip(*flat)) if flat else [(), (), (), ()]
-    new_params, m, v, v_max = (_unflatten(params, col) for col in columns)
+    new_params, m, v, v_max = (rebuild(col) for col in columns)
     new_state = {"step": t, "m": m, "v": v}
     if amsgrad:
         new_state["v_max"] = v_max
     return new_params, new_state
+
+
+def _flatten(tree: Any) -> tuple[list, Any]:
+    """(leaves, rebuild): the leaves in ``_leaves`` order and a function making a tree like
+    ``tree`` from new leaves. A flat dict of arrays, the usual adapter, takes a fast path."""
+    if type(tree) is dict and not any(isinstance(v, dict | list | tuple) for v in tree.values()):
+        keys = list(tree)
+        return list(tree.values()), lambda values: dict(zip(keys, values))
+    return [leaf for _, leaf in _leaves(tree)], lambda values: _unflatten(tree, values)
 
 
 def _unflatten(tree: Any, values: Any) -> Any:
