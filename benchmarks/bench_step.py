@@ -46,27 +46,27 @@ LOSSES = ("mse", "l1")
 # of the machine's load hit every contender alike. torch keeps its default settings.
 PAUSE_S = 0.3
 CYCLES = 3
+BLOCK_S = 0.5  # each block runs about this long, so a short hiccup is one sample among many
 
 
 def median_times(fns: dict, repeat: int, warmup: int = 2) -> dict:
-    """Median seconds per call of each function over CYCLES blocks of ``repeat`` calls each."""
+    """Median seconds per call of each function over CYCLES blocks of calls each; a block has
+    at least ``repeat`` calls, more when that is needed to fill BLOCK_S seconds."""
     times: dict = {k: [] for k in fns}
+    calls: dict = {}
     for cycle in range(CYCLES):
         for k, fn in fns.items():
             time.sleep(PAUSE_S)
             for _ in range(warmup if cycle == 0 else 1):
+                t = time.perf_counter()
                 fn()
-            for _ in range(repeat):
+                warm = time.perf_counter() - t
+            calls.setdefault(k, max(repeat, min(500, int(BLOCK_S / max(warm, 1e-9)))))
+            for _ in range(calls[k]):
                 t = time.perf_counter()
                 fn()
                 times[k].append(time.perf_counter() - t)
     return {k: statistics.median(v) for k, v in times.items()}
-
-
-def repeats_for(n: int, d_in: int, d_out: int, base: int) -> int:
-    """Calls per block: many for cheap steps, few for the 4096-wide ones (~0.5 s a step)."""
-    work = n * d_in * d_out
-    return base if work < 1e8 else max(2, base // 4) if work < 2e9 else 2
 
 
 def make_case(n: int, d_in: int, d_out: int, r: int, dtype: str) -> dict:
@@ -139,7 +139,7 @@ def run(shapes: list, repeat: int, torch: Any) -> list[dict]:
     for n, d_in, d_out, r in shapes:
         for dtype in DTYPES:
             c = make_case(n, d_in, d_out, r, dtype)
-            reps = repeats_for(n, d_in, d_out, repeat)
+            reps = repeat
             for loss in LOSSES:
                 fns = {"floor": floor_step(c), "minilora": minilora_step(c, loss)}
                 if torch is not None:
@@ -189,9 +189,9 @@ def environment(torch: Any) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="two shapes, fewer repeats (under a minute)")
+    p.add_argument("--quick", action="store_true", help="two shapes, shorter blocks (under a minute)")
     p.add_argument("--json", metavar="PATH", help="write one record per case")
-    p.add_argument("--repeat", type=int, default=20, help="repeats for the small shapes (default 20)")
+    p.add_argument("--repeat", type=int, default=3, help="at least this many calls per block (default 3)")
     p.add_argument("--shapes", nargs="+", metavar="NxDINxDOUTxR",
                    help="run these shapes instead, e.g. 256x1024x1024x8")
     args = p.parse_args(argv)
@@ -210,7 +210,10 @@ def main(argv: list[str] | None = None) -> int:
         except (ValueError, AssertionError):
             p.error(f"--shapes takes N x D_IN x D_OUT x R with positive integers, e.g. 256x1024x1024x8; "
                     f"got {' '.join(args.shapes)}")
-    repeat = min(args.repeat, 7) if args.quick else args.repeat
+    global CYCLES, BLOCK_S
+    if args.quick:
+        CYCLES, BLOCK_S = 2, 0.2
+    repeat = args.repeat
     print_header()
     records = run(shapes, repeat, torch)
     if args.json:

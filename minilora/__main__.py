@@ -2,4 +2,5 @@
 
 from .cli import main
 
-raise SystemExit(main())
+if __name__ == "__main__":  # guarded: process pools (minilora sweep) may import this module
+    raise SystemExit(main())

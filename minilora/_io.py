@@ -15,7 +15,9 @@ __all__ = ["atomic_open"]
 def atomic_open(path: str | os.PathLike, mode: str = "wb", **kwargs: Any) -> Iterator[IO[Any]]:
     """Open a temp file in ``path``'s folder for writing; rename it over ``path`` on success.
 
-    On any exception the temp file is removed and ``path`` is left as it was.
+    On any exception the temp file is removed and ``path`` is left as it was. The new file gets
+    the old file's permissions, or those a plain ``open`` would give (0o666 less the umask):
+    ``mkstemp``'s private 0o600 would otherwise leak through the rename.
     """
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
@@ -25,8 +27,18 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb", **kwargs: Any) -> Ite
             yield fh
             fh.flush()
             os.fsync(fh.fileno())
+        os.chmod(tmp, _mode_for(path))
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def _mode_for(path: str) -> int:
+    try:
+        return os.stat(path).st_mode & 0o7777
+    except FileNotFoundError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask

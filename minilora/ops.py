@@ -14,6 +14,8 @@ functions themselves are plain array code, not traced again.
 
 from __future__ import annotations
 
+import threading
+import weakref
 from typing import Any
 
 import numpy as np
@@ -22,7 +24,7 @@ from autograd.extend import defjvp, defjvp_argnums, defvjp, defvjp_argnums, prim
 from .backend import namespace_of
 
 __all__ = [
-    "linear", "lora_linear", "lora_linear_tree", "lora_delta", "residual", "l1_reduce", "sq_reduce", "l1_loss_op", "mse_loss_op",
+    "linear", "lora_linear", "lora_linear_tree", "lora_delta", "tanh", "residual", "l1_reduce", "sq_reduce", "l1_loss_op", "mse_loss_op",
 ]
 
 
@@ -89,7 +91,32 @@ def lora_linear(
     xm = x if mask is None else x * mask
     h = _mul_(xp.matmul(xm, A.T), scale)  # (..., r)
     y = _add_(xp.matmul(x, _weight(W, fan_in_fan_out)), xp.matmul(h, B.T))
-    return y if b is None else _add_(y, b)
+    y = y if b is None else _add_(y, b)
+    _remember_h(y, h)
+    return y
+
+
+# The VJP of B needs h = s (x * mask) A^T, which the forward has just computed. autograd calls a
+# primitive's VJP maker right after its forward, with the forward's output, so the forward leaves
+# h in a one-slot, per-thread memo keyed by the identity of its output y, and the VJP takes it
+# from there (recomputing it when the slot holds another output). It never changes a result:
+# either way h is the same array of the same values. It only holds one (..., r) array.
+_memo = threading.local()
+
+
+def _remember_h(y: Any, h: Any) -> None:
+    try:
+        _memo.slot = (weakref.ref(y), h)
+    except TypeError:  # an array type without weak references: the VJP recomputes h
+        _memo.slot = None
+
+
+def _recall_h(y: Any) -> Any:
+    slot = getattr(_memo, "slot", None)
+    if slot is not None and slot[0]() is y:
+        _memo.slot = None
+        return slot[1]
+    return None
 
 
 @primitive
@@ -147,6 +174,13 @@ def mse_loss_op(pred: Any, target: Any, *, mean: bool = True) -> Any:
     return sq_reduce(residual(pred, target), mean=mean)
 
 
+@primitive
+def tanh(x: Any) -> Any:
+    """tanh(x) elementwise in x's namespace: an activation for models on any backend
+    (autograd's own ``np.tanh`` would compute on host NumPy)."""
+    return namespace_of(x).tanh(x)
+
+
 def _count(a: Any) -> int:
     n = 1
     for s in a.shape:
@@ -162,8 +196,10 @@ def _count(a: Any) -> int:
 #   linear:       dx = g W             dW = G^T X  (fif: X^T G)     db = sum_n G
 #   lora_linear:  dx = g W + s (g B A) * mask       dW, db as linear
 #                 dA = s (G B)^T Xm    dB = s G^T H                 dmask = s (g B A) * x
+#                 (H from the forward, see _remember_h)
 #   lora_linear_tree: as lora_linear, with (dA, dB) returned as the dict {"A": dA, "B": dB}
 #   lora_delta:   dA = s B^T g         dB = s g A^T                 (fif: g transposed first)
+#   tanh:         dx = g (1 - tanh(x)^2)
 #   residual:     dpred = g            dtarget = -g
 #   l1_reduce:    dd = sign(d) * (g / N)
 #   sq_reduce:    dd = d * (2/N * g)
@@ -217,6 +253,9 @@ def _lora_linear_vjp(argnums: tuple[int, ...], ans: Any, args: tuple, kwargs: di
     fif = kwargs.get("fan_in_fan_out", False)
     xp = namespace_of(x, W, A, B, mask)
     d_in = x.shape[-1]
+    h = _recall_h(ans) if 4 in argnums else None
+    if 4 in argnums and h is None:
+        h = xp.matmul(x if mask is None else x * mask, A.T) * scale  # (..., r)
 
     def vjp(g: Any) -> list[Any]:
         d_out = g.shape[-1]
@@ -237,8 +276,7 @@ def _lora_linear_vjp(argnums: tuple[int, ...], ans: Any, args: tuple, kwargs: di
             elif i == 3:
                 out.append(xp.matmul(_flat(gB, A.shape[0], xp).T, _flat(xm, d_in, xp)))
             elif i == 4:
-                H = xp.matmul(_flat(xm, d_in, xp), A.T) * scale  # recomputed: (n, r), cheap
-                out.append(xp.matmul(G.T, H))
+                out.append(xp.matmul(G.T, _flat(h, A.shape[0], xp)))
             else:
                 out.append(xp.matmul(gB, A) * x)
         return out
@@ -354,9 +392,12 @@ defvjp_argnums(lora_linear_tree, _lora_tree_vjp)
 defjvp_argnums(lora_linear_tree, _lora_tree_jvp)
 defvjp_argnums(lora_delta, _delta_vjp)
 defjvp_argnums(lora_delta, _delta_jvp)
+defvjp(tanh, lambda ans, x: lambda g: g * (1.0 - ans * ans))
+defjvp(tanh, lambda g, ans, x: g * (1.0 - ans * ans))
 defvjp(residual, lambda ans, p, q: lambda g: g, lambda ans, p, q: lambda g: -g)
 defjvp(residual, lambda t, ans, p, q: t, lambda t, ans, p, q: -t)
 defvjp(l1_reduce, _l1_grad)
 defjvp(l1_reduce, _l1_jvp)
 defvjp(sq_reduce, _sq_grad)
 defjvp(sq_reduce, _sq_jvp)
+

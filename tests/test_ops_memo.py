@@ -1,0 +1,43 @@
+"""The forward's (n, r) intermediate handed to the VJP (ops._remember_h): a pure optimisation.
+Gradients must be identical whether the VJP finds it or has to recompute it."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from autograd import make_vjp
+
+import minilora.ops as ops
+
+
+def _args(seed: int = 0, mask: bool = False) -> tuple:
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((3, 5, 6))
+    m = (rng.random(x.shape) > 0.3) / 0.7 if mask else None
+    return x, rng.standard_normal((4, 6)), rng.standard_normal(4), rng.standard_normal((2, 6)), \
+        rng.standard_normal((4, 2)), m
+
+
+@pytest.mark.parametrize("mask", [False, True])
+def test_gradient_of_B_is_the_same_with_and_without_the_memo(mask: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    x, W, b, A, B, m = _args(mask=mask)
+    g = np.random.default_rng(1).standard_normal((3, 5, 4))
+
+    def f(B_: np.ndarray) -> np.ndarray:
+        return ops.lora_linear(x, W, b, A, B_, m, scale=0.7)
+
+    vjp, _ = make_vjp(f)(B)
+    with_memo = vjp(g)
+    monkeypatch.setattr(ops, "_recall_h", lambda y: None)  # as if the slot held another output
+    vjp, _ = make_vjp(f)(B)
+    np.testing.assert_array_equal(vjp(g), with_memo)
+
+
+def test_the_memo_answers_only_for_its_own_output() -> None:
+    x, W, b, A, B, m = _args()
+    y1 = ops.lora_linear.fun(x, W, b, A, B, m, scale=0.7)
+    y2 = ops.lora_linear.fun(x, W, b, A, B, m, scale=0.7)  # same values, another array
+    assert ops._recall_h(y1) is None  # the slot now belongs to y2
+    h = ops._recall_h(y2)
+    np.testing.assert_array_equal(h, (x @ A.T) * 0.7)
+    assert ops._recall_h(y2) is None  # taken once, then the slot is empty
