@@ -1,0 +1,188 @@
+"""Adapters: the one protocol through which ``minilora check`` drives another LoRA
+implementation, the built-in adapters (plain PyTorch, PEFT, loralib), and ``load_adapter``.
+
+An adapter is any object with these methods (numbers in, NumPy-convertible arrays out; the
+problems come from ``minilora.testing.strategies``, their arrays are float64 NumPy arrays whose
+values are exact in ``problem.dtype``, the dtype the adapter must compute in):
+
+    forward(problem)  -> y (*lead, d_out): the LoRA layer on problem.x, with problem.mask (or
+                         None) as its dropout mask and scale alpha/r (alpha/sqrt(r) if rslora)
+    grads(problem)    -> {"x", "A", "B"}: gradients of sum(y * problem.cotangent)
+    merge(problem)    -> {"W": the merged base weight, in problem.W's layout,
+                          "y": the merged layer's output on problem.x (no dropout)}
+    unmerge(problem)  -> the base weight after merging and then unmerging
+    adam(problem)     -> {"A", "B"} after len(problem.grads) optimizer steps fed those
+                         gradients (an ``AdamProblem``; options as in ``minilora.adam_step``)
+
+and optionally the attributes ``name``, ``dtypes`` (default float64 and float32),
+``features`` (a subset of ``FEATURES``: the options it supports; default all), ``inits`` with
+a method ``init(d_in, d_out, rank, init, seed) -> {"A", "B"}`` (a fresh adapter's factors),
+and ``versions() -> {package: version}`` for the report. Write one for your implementation and
+run ``minilora check yourmodule:YourAdapter``; nothing in minilora needs to change.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import importlib.util
+import logging
+import os
+import sys
+from collections.abc import Iterator
+from typing import Any, Protocol, runtime_checkable
+
+from ...errors import MiniLoraError, MiniLoraValueError
+
+__all__ = [
+    "LoraAdapter",
+    "REQUIRED_METHODS",
+    "FEATURES",
+    "BUILTIN",
+    "TargetError",
+    "FrameworkUnavailableError",
+    "load_adapter",
+    "missing_methods",
+    "adapter_dtypes",
+    "adapter_features",
+]
+
+REQUIRED_METHODS = ("forward", "grads", "merge", "unmerge", "adam")
+FEATURES = frozenset({"fan_in_fan_out", "rslora", "dropout", "no_bias"})
+
+# target name -> (module:Class, the packages it needs, the extra that installs them)
+BUILTIN = {
+    "torch": ("minilora.testing.adapters.torch_adapter:TorchAdapter", ("torch",)),
+    "peft": ("minilora.testing.adapters.peft_adapter:PeftAdapter", ("torch", "peft", "transformers")),
+    "loralib": ("minilora.testing.adapters.loralib_adapter:LoralibAdapter", ("torch", "loralib")),
+}
+
+
+@runtime_checkable
+class LoraAdapter(Protocol):
+    """The methods ``minilora check`` calls (see the module docstring for the contract)."""
+
+    def forward(self, problem: Any) -> Any: ...
+
+    def grads(self, problem: Any) -> dict: ...
+
+    def merge(self, problem: Any) -> dict: ...
+
+    def unmerge(self, problem: Any) -> Any: ...
+
+    def adam(self, problem: Any) -> dict: ...
+
+
+class TargetError(MiniLoraValueError):
+    """A ``check`` target that is unknown, does not import, or is not an adapter."""
+
+
+class FrameworkUnavailableError(MiniLoraError, ImportError):
+    """The framework a built-in target drives is not installed."""
+
+
+def missing_methods(obj: Any) -> list[str]:
+    return [m for m in REQUIRED_METHODS if not callable(getattr(obj, m, None))]
+
+
+def adapter_dtypes(adapter: Any) -> tuple[str, ...]:
+    return tuple(getattr(adapter, "dtypes", ("float64", "float32")))
+
+
+def adapter_features(adapter: Any) -> frozenset:
+    return frozenset(getattr(adapter, "features", FEATURES))
+
+
+@contextlib.contextmanager
+def _quiet_logs() -> Iterator[None]:
+    """Importing peft imports bitsandbytes where installed, which logs a warning about CPU
+    kernels that has nothing to do with a check."""
+    log = logging.getLogger("bitsandbytes")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def load_adapter(target: Any) -> Any:
+    """An adapter instance for ``target``: 'torch', 'peft', 'loralib', 'module:Class' (or
+    'module:function' returning an adapter), a class, or an adapter object itself.
+
+    Raises ``TargetError`` (unknown target, a module that does not import, a missing class, an
+    object missing protocol methods) or ``FrameworkUnavailableError``, each with a one-line
+    message.
+    """
+    if not isinstance(target, str):
+        obj = target() if isinstance(target, type) else target
+        return _checked(obj, getattr(target, "__name__", type(target).__name__))
+    if target in BUILTIN:
+        spec, packages = BUILTIN[target]
+        for package in packages:  # a cheap look first: torch takes a second or two to import
+            try:
+                found = importlib.util.find_spec(package) is not None
+            except (ImportError, ValueError, AttributeError):
+                found = False
+            if not found:
+                raise FrameworkUnavailableError(
+                    f"target {target!r} needs {package}, which is not installed; pip install 'minilora[compare]'"
+                )
+        for package in packages:
+            try:
+                with _quiet_logs():
+                    importlib.import_module(package)
+            except ImportError as exc:
+                raise FrameworkUnavailableError(
+                    f"target {target!r} needs {package}, which is not installed ({_one_line(exc)}); "
+                    "pip install 'minilora[compare]'"
+                ) from None
+        return _from_spec(spec, target)
+    if ":" not in target:
+        raise TargetError(
+            f"unknown target {target!r}: use {', '.join(BUILTIN)} or module:Class (a Python class "
+            "with the methods " + ", ".join(REQUIRED_METHODS) + ")"
+        )
+    return _from_spec(target, target)
+
+
+def _from_spec(spec: str, target: str) -> Any:
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise TargetError(f"target {target!r} must look like module:Class")
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())  # like `python -m`: modules in the current folder import
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:  # any failure while importing user code is one line, not a traceback
+        raise TargetError(f"cannot import module {module_name!r} for target {target!r}: {_one_line(exc)}") from None
+    obj = module
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise TargetError(f"module {module_name!r} has no attribute {attr!r} (target {target!r})")
+        obj = getattr(obj, part)
+    # a class (or a factory function) is called with no arguments; an instance is used as is
+    if isinstance(obj, type) or (callable(obj) and missing_methods(obj)):
+        try:
+            obj = obj()
+        except Exception as exc:
+            raise TargetError(f"creating the adapter {target!r} failed: {_one_line(exc)}") from None
+    return _checked(obj, target)
+
+
+def _checked(obj: Any, target: str) -> Any:
+    missing = missing_methods(obj)
+    if missing:
+        raise TargetError(
+            f"{target} is missing the adapter method(s) {', '.join(missing)} (an adapter needs "
+            f"{', '.join(REQUIRED_METHODS)}; see minilora.testing.adapters)"
+        )
+    unknown = [d for d in adapter_dtypes(obj) if d not in ("float64", "float32", "float16", "bfloat16")]
+    if unknown:
+        raise TargetError(f"{target}.dtypes lists unknown dtypes {unknown}")
+    return obj

@@ -1,0 +1,173 @@
+"""Hypothesis strategies for LoRA problems, for minilora's tests and for yours.
+
+    from hypothesis import given
+    from minilora.testing.strategies import lora_problems
+
+    @given(lora_problems(dtypes=["float32"]))
+    def test_my_lora(problem):
+        y = my_lora(problem.x, problem.W, problem.b, problem.A, problem.B, problem.scale)
+        ...
+
+A ``LoraProblem`` holds float64 NumPy arrays whose values are exactly representable in its
+``dtype`` (so the implementation under test and the float64 oracle see the same numbers).
+Values are well scaled: standard normal, with magnitudes below 2^-8 flushed to zero (never
+subnormal) and nothing near overflow, even in float16. The shapes are drawn by hypothesis
+(and shrink); the values come from a NumPy generator seeded by hypothesis, which keeps
+drawing fast.
+
+This is the only module of minilora that imports hypothesis; the problems themselves (and
+``make_problem`` for fixed cases) live in ``minilora.testing.problems``, which needs NumPy only.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from hypothesis import HealthCheck, Phase, given, seed, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from .problems import DTYPES, FLUSH, LIMIT, AdamProblem, LoraProblem, make_adam_problem, make_problem, relabel
+from .tolerance import round_to
+
+__all__ = [
+    "DTYPES",
+    "LoraProblem",
+    "AdamProblem",
+    "dtypes",
+    "lora_shapes",
+    "well_scaled_floats",
+    "well_scaled_arrays",
+    "dropout_masks",
+    "lora_problems",
+    "adam_problems",
+    "make_problem",
+    "make_adam_problem",
+    "sample",
+    "relabel",
+]
+
+# ---------------------------------------------------------------- building blocks
+
+
+def dtypes(allowed: Any = DTYPES) -> st.SearchStrategy[str]:
+    """One of 'float64', 'float32', 'float16', 'bfloat16' (or of ``allowed``)."""
+    return st.sampled_from(tuple(allowed))
+
+
+def lora_shapes(max_dim: int = 12, max_batch: int = 4, max_lead_dims: int = 2) -> st.SearchStrategy[dict]:
+    """{"lead", "d_in", "d_out", "rank"}: rank 1 and rank = min(d_in, d_out) come up often,
+    and a batch of one whenever the lead dimensions shrink."""
+
+    @st.composite
+    def draw_shapes(draw: Any) -> dict:
+        lead = tuple(draw(st.lists(st.integers(1, max_batch), min_size=1, max_size=max_lead_dims)))
+        d_in, d_out = draw(st.integers(1, max_dim)), draw(st.integers(1, max_dim))
+        top = min(d_in, d_out)
+        rank = draw(st.one_of(st.just(1), st.just(top), st.integers(1, top)))
+        return {"lead": lead, "d_in": d_in, "d_out": d_out, "rank": rank}
+
+    return draw_shapes()
+
+
+def well_scaled_floats(dtype: str = "float64", limit: float = LIMIT) -> st.SearchStrategy[float]:
+    """Floats representable in ``dtype``, |v| <= limit, either 0 or >= 2^-8 in magnitude."""
+    width = {"float64": 64, "float32": 32, "float16": 16, "bfloat16": 32}[dtype]
+    base = st.floats(-limit, limit, width=width, allow_nan=False, allow_infinity=False, allow_subnormal=False)
+    return base.map(lambda v: 0.0 if abs(v) < FLUSH else float(round_to(v, dtype)))
+
+
+def well_scaled_arrays(shape: Any, dtype: str = "float64", limit: float = LIMIT) -> st.SearchStrategy[np.ndarray]:
+    """float64 arrays of ``shape`` holding ``well_scaled_floats(dtype)`` (hypothesis draws
+    every element, so they shrink well; ``lora_problems`` uses a seed instead, for speed)."""
+    return hnp.arrays(np.float64, shape, elements=well_scaled_floats(dtype, limit))
+
+
+def dropout_masks(shape: tuple[int, ...], p: float, dtype: str = "float64") -> st.SearchStrategy[np.ndarray]:
+    """Inverted-dropout masks (entries 0 or 1/(1-p), rounded to ``dtype``) like
+    ``minilora.dropout_mask``, drawn by hypothesis element by element."""
+    keep = round_to(1.0 / (1.0 - p), dtype) if p < 1 else 0.0
+    return hnp.arrays(np.float64, shape, elements=st.sampled_from([0.0, float(keep)]))
+
+
+ALPHAS = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 0.5, 3.0, -2.0)
+DROPOUTS = (0.0, 0.1, 0.5, 0.9, 1.0)
+
+
+def lora_problems(
+    dtypes: Any = DTYPES,
+    *,
+    max_dim: int = 12,
+    max_batch: int = 4,
+    max_lead_dims: int = 2,
+    fan_in_fan_out: bool | None = None,
+    rslora: bool | None = None,
+    bias: bool | None = None,
+    dropout: bool | None = None,
+) -> st.SearchStrategy[LoraProblem]:
+    """LoRA problems: shapes from ``lora_shapes``, a dtype from ``dtypes``, alpha (including
+    alpha != r, a negative and a non-power of two), rsLoRA, fan_in_fan_out, bias and an
+    inverted-dropout mask (p in 0, 0.1, 0.5, 0.9, 1). Each option is drawn when None, or fixed
+    to the given bool (``dropout=False``: no mask)."""
+
+    def option(fixed: bool | None) -> st.SearchStrategy[bool]:
+        return st.booleans() if fixed is None else st.just(fixed)
+
+    @st.composite
+    def draw_problem(draw: Any) -> LoraProblem:
+        shapes = draw(lora_shapes(max_dim, max_batch, max_lead_dims))
+        p = None
+        if dropout is not False and draw(option(dropout)):
+            p = draw(st.sampled_from(DROPOUTS))
+        return make_problem(
+            **shapes,
+            dtype=draw(st.sampled_from(tuple(dtypes))),
+            alpha=draw(st.sampled_from(ALPHAS)),
+            rslora=draw(option(rslora)),
+            fan_in_fan_out=draw(option(fan_in_fan_out)),
+            bias=draw(option(bias)),
+            dropout=p,
+            seed=draw(st.integers(0, 2**32 - 1)),
+        )
+
+    return draw_problem()
+
+
+def adam_problems(dtypes: Any = DTYPES, *, max_dim: int = 8, max_steps: int = 6) -> st.SearchStrategy[AdamProblem]:
+    """Adam and AdamW (decoupled decay 0.01 or 0.1), with and without amsgrad, momentum 0.9
+    or 0.5, a few steps on random factors with gradients spanning two decades."""
+
+    @st.composite
+    def draw_adam(draw: Any) -> AdamProblem:
+        shapes = draw(lora_shapes(max_dim, 1, 1))
+        decoupled = draw(st.booleans())
+        return make_adam_problem(
+            d_in=shapes["d_in"], d_out=shapes["d_out"], rank=shapes["rank"],
+            steps=draw(st.integers(1, max_steps)),
+            dtype=draw(st.sampled_from(tuple(dtypes))),
+            decoupled=decoupled,
+            weight_decay=draw(st.sampled_from([0.01, 0.1])) if decoupled else 0.0,
+            amsgrad=draw(st.booleans()),
+            lr=draw(st.sampled_from([1e-3, 1e-2, 1e-1])),
+            betas=draw(st.sampled_from([(0.9, 0.999), (0.5, 0.99)])),
+            seed=draw(st.integers(0, 2**32 - 1)),
+        )
+
+    return draw_adam()
+
+
+def sample(strategy: st.SearchStrategy, count: int, seed_value: int = 0) -> list:
+    """Up to ``count`` examples of ``strategy``, the same ones for the same seed (hypothesis
+    runs its generation phase, without a database; fewer come back if the space is smaller)."""
+    drawn: list = []
+
+    @settings(max_examples=max(1, count), database=None, deadline=None, phases=[Phase.generate],
+              derandomize=False, suppress_health_check=list(HealthCheck))
+    @seed(seed_value)
+    @given(strategy)
+    def collect(value: Any) -> None:
+        drawn.append(value)
+
+    collect()
+    return drawn[:count]

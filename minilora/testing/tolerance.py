@@ -1,0 +1,298 @@
+"""How far an honest LoRA implementation in a given dtype may be from the exact answer.
+
+The standard bound for a dot product of length k computed in floating point with unit roundoff
+u, in any order of summation, with or without fused multiply-adds (Higham, *Accuracy and
+Stability of Numerical Algorithms*, 2nd ed., section 3.1; lemma 3.3 for the rules of gamma_k):
+
+    |fl(x . w) - x . w| <= gamma_k |x| . |w|,        gamma_k = k u / (1 - k u)
+
+and gamma_a + gamma_b + gamma_a gamma_b <= gamma_(a+b), so a chain of operations adds up its
+lengths. Each further rounding (a scale, an addition, a mask) counts 1. Through the LoRA layer
+y = x W^T + b + s ((x * m) A^T) B^T, elementwise, with M the same computation on absolute
+values (|x| |W|^T + |b| + |s| (|x * m| |A|^T) |B|^T):
+
+    |y_computed - y| <= gamma_K M,    K = d_in + r + 4
+
+(d_in for x A^T, r for (.) B^T, one each for the mask, the scale, the two additions; the
+base branch x W^T + b needs only d_in + 2 and shares the bound). The gradients (cotangent g),
+merge and unmerge follow the same rule; their K and M are listed in ``lora_bounds``.
+Underflow adds at most k eta (eta the smallest subnormal) per dot product.
+
+The reference itself runs in float64, so a comparison adds the float64 bound of the oracle to
+the bound of the dtype under test. The returned tolerance is ``SAFETY`` times the sum:
+the factor 2 covers second-order terms the first-order chain rule drops and the odd extra
+rounding (a cast of a Python-float scale, an addmm that rounds twice) — it is not a fudge
+for error growth: the bound holds with any summation order.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from ..errors import MiniLoraTypeError, MiniLoraValueError
+
+__all__ = [
+    "UNIT_ROUNDOFF",
+    "SAFETY",
+    "dtype_name",
+    "unit_roundoff",
+    "gamma",
+    "dot_bound",
+    "lora_magnitudes",
+    "lora_bounds",
+    "adam_bounds",
+    "round_to",
+]
+
+# u = 2^-p for a p-bit significand (round to nearest)
+UNIT_ROUNDOFF = {"float64": 2.0**-53, "float32": 2.0**-24, "float16": 2.0**-11, "bfloat16": 2.0**-8}
+# the smallest positive subnormal: the most one underflowing product can lose
+_ETA = {"float64": 2.0**-1074, "float32": 2.0**-149, "float16": 2.0**-24, "bfloat16": 2.0**-133}
+SAFETY = 2.0
+
+
+def dtype_name(dtype: Any) -> str:
+    """'float64', 'float32', 'float16' or 'bfloat16' for a name, a NumPy dtype, an array, an
+    ml_dtypes bfloat16 or a torch dtype (``torch.float32`` -> 'float32')."""
+    if hasattr(dtype, "dtype") and not isinstance(dtype, type):
+        dtype = dtype.dtype
+    name = str(dtype).removeprefix("torch.")
+    if name in ("float", "double", "half"):
+        name = {"float": "float32", "double": "float64", "half": "float16"}[name]
+    try:
+        name = np.dtype(name).name if name != "bfloat16" else name
+    except TypeError:
+        pass
+    if name not in UNIT_ROUNDOFF:
+        raise MiniLoraTypeError(
+            f"dtype must be one of {', '.join(UNIT_ROUNDOFF)}; got {dtype!r}"
+        )
+    return name
+
+
+def unit_roundoff(dtype: Any) -> float:
+    """u of the dtype: float64 2^-53, float32 2^-24, float16 2^-11, bfloat16 2^-8."""
+    return UNIT_ROUNDOFF[dtype_name(dtype)]
+
+
+def gamma(k: int, dtype: Any) -> float:
+    """gamma_k = k u / (1 - k u); refused when k u >= 1 (no bound exists: accumulate wider)."""
+    u = unit_roundoff(dtype)
+    if k < 0:
+        raise MiniLoraValueError(f"k must be >= 0; got {k}")
+    if k * u >= 1.0:
+        raise MiniLoraValueError(
+            f"no error bound for {k} chained roundings in {dtype_name(dtype)} (k u = {k * u:.3g} >= 1); "
+            "pass accumulate='float32' if the implementation accumulates in float32"
+        )
+    return k * u / (1.0 - k * u)
+
+
+def dot_bound(
+    k: int, magnitude: Any, dtype: Any, *, accumulate: Any = None, safety: float = SAFETY
+) -> np.ndarray:
+    """The tolerance of a length-k dot product (or chain of k roundings) whose magnitude is
+    ``magnitude`` (the same computation on absolute values), elementwise:
+
+        safety * ((gamma_k(accumulate) + u_out) M + k eta(accumulate))
+
+    ``accumulate`` is the dtype sums are carried in (default: ``dtype``); when it is wider
+    than ``dtype``, storing the result costs one more rounding u_out of ``dtype``.
+    """
+    acc = dtype_name(accumulate if accumulate is not None else dtype)
+    out = dtype_name(dtype)
+    store = UNIT_ROUNDOFF[out] if acc != out else 0.0
+    m = np.asarray(magnitude, dtype=np.float64)
+    return safety * ((gamma(k, acc) + store) * m + k * _ETA[acc])
+
+
+def _host(a: Any) -> np.ndarray | None:
+    return None if a is None else np.asarray(a, dtype=np.float64)
+
+
+def lora_magnitudes(
+    params: dict,
+    lora: dict,
+    x: Any,
+    *,
+    scale: float,
+    fan_in_fan_out: bool = False,
+    dropout_mask: Any = None,
+    cotangent: Any = None,
+) -> dict[str, tuple[int, np.ndarray]]:
+    """{output: (K, M)}: the reduction length and the magnitude of every output of a LoRA
+    layer (the table in ``lora_bounds``), computed in float64 on absolute values."""
+    x = _host(x)
+    W = _host(params["W"])
+    b = _host(params.get("b"))
+    A, B = _host(lora["A"]), _host(lora["B"])
+    mask = _host(dropout_mask)
+    s = abs(float(scale))
+    r, d_in = A.shape
+    d_out = B.shape[0]
+    W_oi = np.abs(W.T if fan_in_fan_out else W)  # (d_out, d_in)
+    ax = np.abs(x)
+    axm = ax if mask is None else np.abs(x * mask)
+    BA = np.abs(B) @ np.abs(A)  # (d_out, d_in)
+
+    out: dict[str, tuple[int, np.ndarray]] = {}
+    M_y = ax @ W_oi.T + s * (axm @ np.abs(A).T) @ np.abs(B).T
+    if b is not None:
+        M_y = M_y + np.abs(b)
+    out["y"] = (d_in + r + 4, M_y)
+    M_W = np.abs(W) + s * (BA.T if fan_in_fan_out else BA)
+    out["W"] = (r + 2, M_W)
+    out["W_back"] = (2 * r + 5, M_W)
+    if cotangent is not None:
+        g = np.abs(_host(cotangent))
+        n = int(np.prod(g.shape[:-1], dtype=np.int64))
+        G, Xm = g.reshape(-1, d_out), axm.reshape(-1, d_in)
+        back = s * (g @ np.abs(B)) @ np.abs(A)
+        out["x"] = (d_out + r + 4, g @ W_oi + (back if mask is None else back * np.abs(mask)))
+        out["A"] = (d_out + n + 3, s * (G @ np.abs(B)).T @ Xm)
+        out["B"] = (d_in + n + 3, s * G.T @ (Xm @ np.abs(A).T))
+        out["b"] = (n + 1, G.sum(axis=0))
+    return out
+
+
+def lora_bounds(
+    params: dict,
+    lora: dict,
+    x: Any,
+    *,
+    scale: float,
+    dtype: Any,
+    fan_in_fan_out: bool = False,
+    dropout_mask: Any = None,
+    cotangent: Any = None,
+    accumulate: Any = None,
+    reference: Any = "float64",
+    safety: float = SAFETY,
+) -> dict[str, np.ndarray]:
+    """Elementwise tolerances for every output of a LoRA layer in ``dtype``.
+
+    Inputs as in ``minilora.lora_dense`` (host arrays; the values the implementation was given,
+    already rounded to its dtype). Returns bounds keyed by output, each shaped like it:
+
+    ======= ================================================ ===========================
+    key     magnitude M                                      K
+    ======= ================================================ ===========================
+    y       |x||W|^T + |b| + |s| (|xm||A|^T)|B|^T            d_in + r + 4
+    W       |W| + |s||B||A|            (merge: W + s B A)    r + 2
+    W_back  |W| + |s||B||A|            (merge, then unmerge) 2 r + 5
+    x       |g||W| + |s| ((|g||B|)|A|) * m                   d_out + r + 4   (with g)
+    A       |s| (|G||B|)^T |Xm|                              d_out + n + 3   (with g)
+    B       |s| |G|^T (|Xm||A|^T)                            d_in + n + 3    (with g)
+    b       sum_n |G|                                        n + 1           (with g)
+    ======= ================================================ ===========================
+
+    xm = x * mask, G and Xm fold the batch dimensions into n rows, g is ``cotangent`` (the
+    gradient of the loss with respect to y); W's layouts follow ``fan_in_fan_out``. Each bound
+    is ``dot_bound(K, M, dtype)`` plus, when ``reference`` is given, the same for the reference
+    dtype (the oracle's own rounding; pass None to compare against exact values).
+    """
+    magnitudes = lora_magnitudes(params, lora, x, scale=scale, fan_in_fan_out=fan_in_fan_out,
+                                 dropout_mask=dropout_mask, cotangent=cotangent)
+    out = {}
+    for key, (k, M) in magnitudes.items():
+        bound = dot_bound(k, M, dtype, accumulate=accumulate, safety=safety)
+        if reference is not None:
+            bound = bound + dot_bound(k, M, reference, safety=safety)
+        out[key] = bound
+    return out
+
+
+def adam_bounds(
+    params: dict,
+    grads: list[dict],
+    *,
+    dtype: Any,
+    lr: float = 1e-3,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    decoupled: bool = False,
+    amsgrad: bool = False,
+    reference: Any = "float64",
+    safety: float = SAFETY,
+) -> dict[str, np.ndarray]:
+    """Elementwise tolerances for the parameters after ``len(grads)`` Adam/AdamW steps from
+    ``params`` (dict of arrays) fed the fixed gradients ``grads`` (a list of dicts).
+
+    The error of each state variable is carried through the exact float64 trajectory to first
+    order: m's rounding errs by gamma_3 times its magnitude (the same average of |g|), v's by
+    gamma_3 v (all terms are positive), sqrt halves a relative error, the denominator
+    d = sqrt(v)/c2 + eps adds gamma_2 d, the ratio q = m/d errs by (e_m + |q| e_d)/(d - e_d),
+    and the update p - (lr/c1) q adds gamma_2 (lr/c1)|q| + u |p|. With L2 decay (not
+    decoupled) the parameter's error feeds back into the gradient as wd * e_p. The result is
+    infinite where d - e_d <= 0: that dtype cannot resolve the step at all.
+    """
+    b1, b2 = betas
+    out = {}
+    for key, p0 in params.items():
+        total = np.zeros(np.shape(p0))
+        for dt in (dtype, reference):
+            if dt is None:
+                continue
+            u = unit_roundoff(dt)
+            g2, g3 = gamma(2, dt), gamma(3, dt)
+            p = np.array(p0, dtype=np.float64)
+            m = np.zeros_like(p)
+            v = np.zeros_like(p)
+            vmax = np.zeros_like(p)
+            M = np.zeros_like(p)
+            e_p = np.zeros_like(p)
+            e_m = np.zeros_like(p)
+            e_v = np.zeros_like(p)
+            e_vmax = np.zeros_like(p)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                for t, grad in enumerate(grads, start=1):
+                    g = np.array(grad[key], dtype=np.float64)
+                    e_g = np.zeros_like(p)
+                    if weight_decay and decoupled:
+                        p = p * (1 - lr * weight_decay)
+                        e_p = e_p * (1 - lr * weight_decay) + g2 * np.abs(p)
+                    elif weight_decay:
+                        e_g = weight_decay * e_p + u * (np.abs(g) + weight_decay * np.abs(p))
+                        g = g + weight_decay * p
+                    c1 = 1 - b1**t
+                    c2 = math.sqrt(1 - b2**t)
+                    m = b1 * m + (1 - b1) * g
+                    M = b1 * M + (1 - b1) * np.abs(g)
+                    e_m = b1 * e_m + (1 - b1) * e_g + g3 * M
+                    v = b2 * v + (1 - b2) * g * g
+                    e_v = b2 * e_v + (1 - b2) * (2 * np.abs(g) * e_g + e_g * e_g) + g3 * v
+                    if amsgrad:
+                        vmax, e_vmax = np.maximum(vmax, v), np.maximum(e_vmax, e_v)
+                        vv, ev = vmax, e_vmax
+                    else:
+                        vv, ev = v, e_v
+                    sq = np.sqrt(vv)
+                    e_sq = np.where(ev > 0, ev / (sq + np.sqrt(np.maximum(vv - ev, 0.0))), 0.0) + u * sq
+                    d = sq / c2 + eps
+                    e_d = e_sq / c2 + g2 * d
+                    d_lo = d - e_d
+                    q = m / d
+                    e_q = np.where(d_lo > 0, (e_m + np.abs(q) * e_d) / d_lo + u * np.abs(q), np.inf)
+                    step = (lr / c1) * q
+                    p = p - step
+                    e_p = e_p + (lr / c1) * e_q + g2 * np.abs(step) + u * np.abs(p)
+            total = total + safety * e_p
+        out[key] = total
+    return out
+
+
+def round_to(a: Any, dtype: Any) -> np.ndarray:
+    """``a`` rounded to the nearest value of ``dtype`` (ties to even), returned as float64.
+    bfloat16 needs no extra package (see ``minilora.safetensors_io.float_to_bf16_bits``)."""
+    name = dtype_name(dtype)
+    a = np.asarray(a, dtype=np.float64)
+    if name == "bfloat16":
+        from ..safetensors_io import bf16_bits_to_float32, float_to_bf16_bits
+
+        return bf16_bits_to_float32(float_to_bf16_bits(a)).astype(np.float64)
+    with np.errstate(over="ignore"):
+        return a.astype(name).astype(np.float64)
