@@ -31,6 +31,11 @@ from .losses import l1_loss, mse_loss
 from .optim import adam_init, adam_step
 from .train import count_params, fit, grad, value_and_grad
 
+# study tools (scipy, matplotlib and dask are imported inside the functions that need them)
+from .nf4 import nf4_code, nf4_dequantize, nf4_quantize, qlora_dense, qlora_quantize
+from .param_calc import lora_param_count, memory_estimate, transformer_param_count
+from .subspace import subspace_similarity, subspace_similarity_grid
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -62,6 +67,17 @@ __all__ = [
     "value_and_grad",
     "count_params",
     "fit",
+    # study tools: QLoRA's NF4, subspace similarity, parameter and memory counts
+    "nf4_code",
+    "nf4_quantize",
+    "nf4_dequantize",
+    "qlora_quantize",
+    "qlora_dense",
+    "subspace_similarity",
+    "subspace_similarity_grid",
+    "lora_param_count",
+    "transformer_param_count",
+    "memory_estimate",
     # errors
     "MiniLoraError",
     "MiniLoraValueError",

@@ -19,7 +19,8 @@ def test_readme_has_two_setup_commands() -> None:
     demo, tests = blocks[0], blocks[1]
     assert demo.startswith("python3 -m venv .venv") and demo.endswith("minilora demo")
     assert tests.startswith("python3 -m venv .venv") and "pytest" in tests
-    assert "[test,compare,plot]" in tests
+    for extra in ("test", "compare", "plot", "sweep"):  # everything the full suite needs
+        assert re.search(rf"\[[a-z,]*\b{extra}\b[a-z,]*\]", tests), extra
 
 
 def test_ci_runs_the_readme_test_command() -> None:
