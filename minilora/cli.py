@@ -42,7 +42,7 @@ def int_at_least(minimum: int) -> Any:
 
 # Each command lives in its own module with a ``register(subparsers)`` function; a module is
 # imported only to build the parser, and imports its heavy dependencies inside its functions.
-COMMAND_MODULES = ("cli_demo", "cli_sweep", "cli_params", "cli_check", "cli_vectors")
+COMMAND_MODULES = ("cli_demo", "cli_sweep", "cli_params", "cli_check", "cli_vectors", "cli_merge", "cli_inspect")
 
 
 def build_parser() -> argparse.ArgumentParser:

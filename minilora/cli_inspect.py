@@ -1,0 +1,63 @@
+"""``minilora inspect ADAPTER_DIR``: list a PEFT LoRA adapter's modules, ranks, alpha, scaling
+and parameter counts (NumPy only)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+__all__ = ["register", "describe"]
+
+
+def describe(adapter: Any) -> dict:
+    """{"config": the main config fields, "modules": [{"module", "kind", "shape", "rank", "alpha",
+    "scale", "params", "dora", "lora_bias", "dtype"}], "total_params": int} for a PeftAdapter."""
+    rows = []
+    for module in sorted(adapter.modules):
+        t = adapter.modules[module]
+        A, B = t["A"], t["B"]
+        kind = adapter.kinds.get(module, "linear")
+        rows.append({
+            "module": module, "kind": kind,
+            "shape": [int(A.shape[1]), int(B.shape[0])] if kind == "embedding" else [int(B.shape[0]), int(A.shape[1])],
+            "rank": adapter.rank(module), "alpha": adapter.alpha(module), "scale": adapter.scale(module),
+            "params": int(sum(v.size for v in t.values())), "dora": "m" in t, "lora_bias": "lora_bias" in t,
+            "dtype": str(A.dtype),
+        })
+    keys = ("r", "lora_alpha", "use_rslora", "use_dora", "fan_in_fan_out", "bias", "lora_bias", "target_modules",
+            "rank_pattern", "alpha_pattern", "base_model_name_or_path")
+    extra = int(sum(v.size for v in adapter.extra.values()))
+    return {"config": {k: adapter.config.get(k) for k in keys}, "modules": rows,
+            "extra_tensors": sorted(adapter.extra), "total_params": sum(r["params"] for r in rows) + extra}
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("inspect", help="list a PEFT LoRA adapter's modules, ranks, alpha and scaling",
+                       description="Read ADAPTER_DIR (adapter_config.json + adapter_model.safetensors) and list "
+                       "each adapted module with its shape, rank r, alpha, scale and parameter count.")
+    p.add_argument("adapter", metavar="ADAPTER_DIR")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from .peft_files import load_peft_adapter
+
+    info = describe(load_peft_adapter(args.adapter))
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    c = info["config"]
+    print(f"{args.adapter}: LoRA r={c['r']} lora_alpha={c['lora_alpha']} rslora={bool(c['use_rslora'])} "
+          f"dora={bool(c['use_dora'])} fan_in_fan_out={bool(c['fan_in_fan_out'])} bias={c['bias']}")
+    print(f"  {'module':<40} {'kind':<9} {'shape':>12} {'r':>4} {'alpha':>8} {'scale':>10} {'params':>10}")
+    for r in info["modules"]:
+        shape = "x".join(str(s) for s in r["shape"])
+        flags = (" dora" if r["dora"] else "") + (" lora_bias" if r["lora_bias"] else "")
+        print(f"  {r['module']:<40} {r['kind']:<9} {shape:>12} {r['rank']:>4} {r['alpha']:>8g} {r['scale']:>10.6g} "
+              f"{r['params']:>10}{flags}")
+    if info["extra_tensors"]:
+        print(f"  base tensors stored too (bias={c['bias']}): {', '.join(info['extra_tensors'])}")
+    print(f"{len(info['modules'])} module(s), {info['total_params']} parameters")
+    return 0
