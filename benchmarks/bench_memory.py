@@ -141,7 +141,8 @@ def main(argv: list[str] | None = None) -> int:
         }
         ok &= not rec["lora_step_allocates_weight_sized_temporary"]
         records.append(rec)
-        print(f"{dtype:>8} ratio lora/full: step peak {rec['step_peak_ratio']:.3f}, peak RSS {rec['peak_rss_ratio']:.3f}; "
+        print(f"{dtype:>8} ratio lora/full: step peak {rec['step_peak_ratio']:.3f}, "
+              f"peak RSS {rec['peak_rss_ratio']:.3f}; "
               f"weight-sized temporary in the LoRA step: "
               f"{'YES' if rec['lora_step_allocates_weight_sized_temporary'] else 'no'}")
     if args.json:

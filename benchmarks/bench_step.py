@@ -192,6 +192,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="two shapes, shorter blocks (under a minute)")
     p.add_argument("--json", metavar="PATH", help="write one record per case")
     p.add_argument("--repeat", type=int, default=3, help="at least this many calls per block (default 3)")
+    p.add_argument("--plot", metavar="PATH", help="also draw step time against case as a PNG (matplotlib)")
+    p.add_argument("--plot-from", metavar="JSON", help="only draw --plot from a JSON this script wrote")
     p.add_argument("--shapes", nargs="+", metavar="NxDINxDOUTxR",
                    help="run these shapes instead, e.g. 256x1024x1024x8")
     args = p.parse_args(argv)
@@ -202,6 +204,12 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         torch = None
         print("note: torch is not installed; the torch column is skipped (pip install -e '.[compare]')")
+    if args.plot_from:
+        if not args.plot:
+            p.error("--plot-from needs --plot PATH")
+        with open(args.plot_from) as fh:
+            plot(json.load(fh), args.plot)
+        return 0
     shapes = QUICK_SHAPES if args.quick else SHAPES
     if args.shapes:
         try:
@@ -221,7 +229,37 @@ def main(argv: list[str] | None = None) -> int:
         with atomic_open(args.json, "w") as fh:
             json.dump([{**rec, "environment": env} for rec in records], fh, indent=1)
         print(f"wrote {args.json}")
+    if args.plot:
+        plot(records, args.plot)
     return 0
+
+
+def plot(records: list[dict], path: str) -> None:
+    """Step time per case for the three contenders, log scale, written atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [f"{r['n']}x{r['d_in']}x{r['d_out']}x{r['r']} f{r['dtype'][5:]} {r['loss']}" for r in records]
+    xs = np.arange(len(records))
+    fig, ax = plt.subplots(figsize=(max(8, 0.7 * len(records)), 5))
+    series = ((-0.27, "floor_s", "BLAS floor"), (0, "minilora_s", "minilora"), (0.27, "torch_s", "torch"))
+    for offset, key, name in series:
+        vals = [r[key] * 1e3 if r.get(key) else np.nan for r in records]
+        ax.bar(xs + offset, vals, width=0.27, label=name)
+    ax.set_yscale("log")
+    ax.set_ylabel("one training step (ms)")
+    ax.set_xticks(xs, labels, fontsize=7, rotation=35, ha="right")
+    ax.legend()
+    ax.set_title("LoRA training step: minilora, PyTorch eager (CPU) and the matrix products alone")
+    fig.tight_layout()
+    try:
+        with atomic_open(path, "wb") as fh:
+            fig.savefig(fh, format="png", dpi=110)
+    finally:
+        plt.close(fig)
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

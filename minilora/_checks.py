@@ -68,11 +68,17 @@ def check_floats(**arrays: Any) -> Any:
     ``None`` entries are skipped. Returns the shared namespace. Mixed float widths are refused
     rather than promoted: an oracle must not hide a precision bug.
     """
-    present = {k: check_array(v, k) for k, v in arrays.items() if v is not None}
-    dtypes = {a.dtype for a in present.values() if type(a) is np.ndarray}
-    if len(dtypes) == 1 and len(present) == sum(type(a) is np.ndarray for a in present.values()):
-        if next(iter(dtypes)).kind == "f":  # fast path: all NumPy, one float dtype
+    first = None
+    for v in arrays.values():  # fast path, run at every step: all NumPy arrays of one float dtype
+        if v is None:
+            continue
+        if type(v) is not np.ndarray or (first is not None and v.dtype != first):
+            break
+        first = v.dtype
+    else:
+        if first is None or first.kind == "f":
             return np
+    present = {k: check_array(v, k) for k, v in arrays.items() if v is not None}
     xp = namespace_of(*present.values())
     first = None
     for name, a in present.items():

@@ -24,7 +24,7 @@ from autograd.extend import defjvp, defjvp_argnums, defvjp, defvjp_argnums, prim
 from .backend import namespace_of
 
 __all__ = [
-    "linear", "lora_linear", "lora_linear_tree", "lora_delta", "tanh", "residual", "l1_reduce", "sq_reduce", "l1_loss_op", "mse_loss_op",
+    "linear", "lora_linear", "lora_linear_tree", "lora_delta", "tanh", "l1_loss_op", "mse_loss_op",
 ]
 
 
@@ -96,27 +96,36 @@ def lora_linear(
     return y
 
 
-# The VJP of B needs h = s (x * mask) A^T, which the forward has just computed. autograd calls a
-# primitive's VJP maker right after its forward, with the forward's output, so the forward leaves
-# h in a one-slot, per-thread memo keyed by the identity of its output y, and the VJP takes it
-# from there (recomputing it when the slot holds another output). It never changes a result:
-# either way h is the same array of the same values. It only holds one (..., r) array.
+# Some VJPs need an array their forward has just computed (lora_linear's h = s (x * mask) A^T
+# for the gradient of B, the losses' d = pred - target). autograd calls a primitive's VJP maker right after
+# its forward, so the forward leaves that array in a per-thread memo slot keyed by the identity
+# of an array of the call (a weak reference, so the memo keeps nothing alive but the value), and
+# the VJP maker takes it from there, or recomputes it when the slot holds another call's. It
+# never changes a result: either way the VJP gets the same values. A slot holds one array.
 _memo = threading.local()
 
 
-def _remember_h(y: Any, h: Any) -> None:
+def _remember(slot: str, key: Any, value: Any) -> None:
     try:
-        _memo.slot = (weakref.ref(y), h)
-    except TypeError:  # an array type without weak references: the VJP recomputes h
-        _memo.slot = None
+        setattr(_memo, slot, (weakref.ref(key), value))
+    except TypeError:  # an array type without weak references: the VJP recomputes
+        setattr(_memo, slot, None)
+
+
+def _recall(slot: str, key: Any) -> Any:
+    entry = getattr(_memo, slot, None)
+    if entry is not None and entry[0]() is key:
+        setattr(_memo, slot, None)
+        return entry[1]
+    return None
+
+
+def _remember_h(y: Any, h: Any) -> None:
+    _remember("h", y, h)
 
 
 def _recall_h(y: Any) -> Any:
-    slot = getattr(_memo, "slot", None)
-    if slot is not None and slot[0]() is y:
-        _memo.slot = None
-        return slot[1]
-    return None
+    return _recall("h", y)
 
 
 @primitive
@@ -143,35 +152,23 @@ def lora_delta(A: Any, B: Any, *, scale: float = 1.0, fan_in_fan_out: bool = Fal
 
 
 @primitive
-def residual(pred: Any, target: Any) -> Any:
-    """d = pred - target (same shapes). Its own node, so the loss gradients reuse d."""
-    return pred - target
-
-
-@primitive
-def l1_reduce(d: Any, *, mean: bool = True) -> Any:
-    """sum |d| (divided by its element count when ``mean``); a 0-d array."""
-    xp = namespace_of(d)
+def l1_loss_op(pred: Any, target: Any, *, mean: bool = True) -> Any:
+    """sum |pred - target| (divided by its element count when ``mean``); a 0-d array."""
+    xp = namespace_of(pred, target)
+    d = pred - target
+    _remember("d", pred, d)  # the gradient needs d too
     total = xp.sum(xp.abs(d))
     return total / _count(d) if mean else total
 
 
 @primitive
-def sq_reduce(d: Any, *, mean: bool = True) -> Any:
-    """sum d^2 (divided by its element count when ``mean``); a 0-d array."""
-    xp = namespace_of(d)
-    total = np.vdot(d, d) if xp is np else xp.sum(d * d)  # vdot: one BLAS pass, no d*d temporary
-    return total / _count(d) if mean else total
-
-
-def l1_loss_op(pred: Any, target: Any, *, mean: bool = True) -> Any:
-    """sum |pred - target| (divided by its element count when ``mean``); a 0-d array."""
-    return l1_reduce(residual(pred, target), mean=mean)
-
-
 def mse_loss_op(pred: Any, target: Any, *, mean: bool = True) -> Any:
     """sum (pred - target)^2 (divided by its element count when ``mean``); a 0-d array."""
-    return sq_reduce(residual(pred, target), mean=mean)
+    xp = namespace_of(pred, target)
+    d = pred - target
+    _remember("d", pred, d)
+    total = np.vdot(d, d) if xp is np else xp.sum(d * d)  # vdot: one BLAS pass, no d*d temporary
+    return total / _count(d) if mean else total
 
 
 @primitive
@@ -196,13 +193,12 @@ def _count(a: Any) -> int:
 #   linear:       dx = g W             dW = G^T X  (fif: X^T G)     db = sum_n G
 #   lora_linear:  dx = g W + s (g B A) * mask       dW, db as linear
 #                 dA = s (G B)^T Xm    dB = s G^T H                 dmask = s (g B A) * x
-#                 (H from the forward, see _remember_h)
+#                 (H from the forward, see _remember)
 #   lora_linear_tree: as lora_linear, with (dA, dB) returned as the dict {"A": dA, "B": dB}
 #   lora_delta:   dA = s B^T g         dB = s g A^T                 (fif: g transposed first)
 #   tanh:         dx = g (1 - tanh(x)^2)
-#   residual:     dpred = g            dtarget = -g
-#   l1_reduce:    dd = sign(d) * (g / N)
-#   sq_reduce:    dd = d * (2/N * g)
+#   l1 (d = pred - target, from the forward):   dpred = sign(d) * (g / N)      dtarget = -dpred
+#   mse:                                         dpred = d * (2/N * g)          dtarget = -dpred
 #
 # The loss formulas keep PyTorch's order of rounding (``l1_loss`` = mean(abs(d)) backward,
 # ATen ``mse_loss_backward``: d * (norm * g)), so gradients agree bit for bit where the
@@ -361,27 +357,37 @@ def _delta_jvp(argnums: tuple[int, ...], gs: list, ans: Any, args: tuple, kwargs
     return out
 
 
-def _l1_grad(ans: Any, d: Any, mean: bool = True) -> Any:
-    xp = namespace_of(d)
-    n = _count(d) if mean else 1
-    return lambda g: _mul_(xp.sign(d), g / n)
+def _loss_vjp(grad_of_d: Any) -> Any:
+    """VJP maker of a loss of d = pred - target, given d's gradient as ``grad_of_d(d, g, n, xp)``."""
+
+    def maker(argnums: tuple[int, ...], ans: Any, args: tuple, kwargs: dict) -> Any:
+        pred, target = args[0], args[1]
+        xp = namespace_of(pred, target)
+        d = _recall("d", pred)
+        d = pred - target if d is None else d
+        n = _count(d) if kwargs.get("mean", True) else 1
+
+        def vjp(g: Any) -> list[Any]:
+            gd = grad_of_d(d, g, n, xp)
+            return [gd if i == 0 else -gd for i in argnums]
+
+        return vjp
+
+    return maker
 
 
-def _sq_grad(ans: Any, d: Any, mean: bool = True) -> Any:
-    n = _count(d) if mean else 1
-    return lambda g: d * ((2.0 / n) * g)
+def _loss_jvp(dot_of_d: Any) -> Any:
+    def jvp(argnums: tuple[int, ...], gs: list, ans: Any, args: tuple, kwargs: dict) -> Any:
+        pred, target = args[0], args[1]
+        xp = namespace_of(pred, target)
+        d = pred - target
+        t = None
+        for i, tangent in zip(argnums, gs):
+            t = (tangent if i == 0 else -tangent) if t is None else (t + tangent if i == 0 else t - tangent)
+        s = dot_of_d(d, t, xp)
+        return s / _count(d) if kwargs.get("mean", True) else s
 
-
-def _l1_jvp(t: Any, ans: Any, d: Any, mean: bool = True) -> Any:
-    xp = namespace_of(d)
-    s = xp.sum(xp.sign(d) * t)
-    return s / _count(d) if mean else s
-
-
-def _sq_jvp(t: Any, ans: Any, d: Any, mean: bool = True) -> Any:
-    xp = namespace_of(d)
-    s = xp.sum(d * t) * 2.0
-    return s / _count(d) if mean else s
+    return jvp
 
 
 defvjp_argnums(linear, _linear_vjp)
@@ -394,12 +400,10 @@ defvjp_argnums(lora_delta, _delta_vjp)
 defjvp_argnums(lora_delta, _delta_jvp)
 defvjp(tanh, lambda ans, x: lambda g: g * (1.0 - ans * ans))
 defjvp(tanh, lambda g, ans, x: g * (1.0 - ans * ans))
-defvjp(residual, lambda ans, p, q: lambda g: g, lambda ans, p, q: lambda g: -g)
-defjvp(residual, lambda t, ans, p, q: t, lambda t, ans, p, q: -t)
-defvjp(l1_reduce, _l1_grad)
-defjvp(l1_reduce, _l1_jvp)
-defvjp(sq_reduce, _sq_grad)
-defjvp(sq_reduce, _sq_jvp)
+defvjp_argnums(l1_loss_op, _loss_vjp(lambda d, g, n, xp: _mul_(xp.sign(d), g / n)))
+defjvp_argnums(l1_loss_op, _loss_jvp(lambda d, t, xp: xp.sum(xp.sign(d) * t)))
+defvjp_argnums(mse_loss_op, _loss_vjp(lambda d, g, n, xp: d * ((2.0 / n) * g)))
+defjvp_argnums(mse_loss_op, _loss_jvp(lambda d, t, xp: xp.sum(d * t) * 2.0))
 
 
 # =====================================================================================

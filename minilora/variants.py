@@ -13,7 +13,6 @@ B (d_out, r), m (d_out,). Float64 throughout unless the inputs are float32.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import numpy as np
