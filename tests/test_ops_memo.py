@@ -41,3 +41,22 @@ def test_the_memo_answers_only_for_its_own_output() -> None:
     h = ops._recall_h(y2)
     np.testing.assert_array_equal(h, (x @ A.T) * 0.7)
     assert ops._recall_h(y2) is None  # taken once, then the slot is empty
+
+
+@pytest.mark.parametrize("loss", [ops.l1_loss_op, ops.mse_loss_op], ids=["l1", "mse"])
+@pytest.mark.parametrize("mean", [True, False])
+def test_loss_gradients_are_the_same_with_and_without_the_memo(loss, mean: bool,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    rng = np.random.default_rng(2)
+    pred, target = rng.standard_normal((4, 3)), rng.standard_normal((4, 3))
+
+    def grads() -> tuple:
+        vjp, _ = make_vjp(lambda p, t: loss(p, t, mean=mean), argnum=(0, 1))(pred, target)
+        return vjp(np.float64(1.5))
+
+    with_memo = grads()
+    monkeypatch.setattr(ops, "_recall", lambda slot, key: None)  # forces the recomputation
+    without = grads()
+    for a, b in zip(with_memo, without):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(with_memo[0], -with_memo[1])  # d/dtarget = -d/dpred
