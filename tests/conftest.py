@@ -72,6 +72,23 @@ def backend(request: pytest.FixtureRequest) -> Any:
             yield BackendCase("array_api_strict", be.xp, device)
 
 
+class FakeTerminal:
+    """A stream that claims to be a terminal (or not) and records what is written to it, for
+    testing progress lines."""
+
+    def __init__(self, tty: bool) -> None:
+        self.tty, self.text = tty, ""
+
+    def isatty(self) -> bool:
+        return self.tty
+
+    def write(self, s: str) -> None:
+        self.text += s
+
+    def flush(self) -> None:
+        pass
+
+
 _skipped: list[str] = []
 
 

@@ -17,7 +17,7 @@ import pytest
 
 import minilora
 
-from conftest import require
+from conftest import FakeTerminal, require
 
 REPO = Path(__file__).resolve().parents[1]  # the folder holding the minilora package
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -246,27 +246,11 @@ def test_help(args: list[str]) -> None:
             assert option in out.stdout
 
 
-class _FakeTerminal:
-    """A stream that claims to be a terminal and records what is written to it."""
-
-    def __init__(self, tty: bool) -> None:
-        self.tty, self.text = tty, ""
-
-    def isatty(self) -> bool:
-        return self.tty
-
-    def write(self, s: str) -> None:
-        self.text += s
-
-    def flush(self) -> None:
-        pass
-
-
 @pytest.mark.parametrize("tty", [True, False])
 def test_progress_shows_on_a_terminal_only(tty: bool) -> None:
     from minilora.cli import Progress as _Progress
 
-    stream = _FakeTerminal(tty)
+    stream = FakeTerminal(tty)
     progress = _Progress(1000, stream)
     for step in range(1, 1001):
         progress(step, 1.0 / step, None, None)

@@ -21,7 +21,7 @@ from minilora.errors import MiniLoraTypeError, MiniLoraValueError
 from minilora.subspace import subspace_similarity_grid
 from minilora.sweep import run_case, summarize, sweep, synthetic_experiment
 
-from conftest import require
+from conftest import FakeTerminal, require
 
 REPO = Path(__file__).resolve().parents[1]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -313,20 +313,6 @@ def test_bad_case_and_intrinsic_rank() -> None:
 
 
 # ---------------------------------------------------------------- progress
-
-
-class FakeTerminal:
-    def __init__(self, tty: bool) -> None:
-        self.tty, self.text = tty, ""
-
-    def isatty(self) -> bool:
-        return self.tty
-
-    def write(self, s: str) -> None:
-        self.text += s
-
-    def flush(self) -> None:
-        pass
 
 
 @pytest.mark.parametrize("tty", [True, False])
