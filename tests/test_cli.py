@@ -261,3 +261,15 @@ def test_progress_shows_on_a_terminal_only(tty: bool) -> None:
         assert stream.text.endswith("\r")  # the line is cleared at the end
     else:
         assert stream.text == ""
+
+
+def test_a_closed_pipe_is_not_a_traceback() -> None:
+    """``minilora demo | head -1``: the reader closes early; no traceback, exit 141 like a shell."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    proc = subprocess.Popen([sys.executable, "-m", "minilora", "demo", "--steps", "5"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=env)
+    proc.stdout.close()  # nobody reads the table
+    err = proc.stderr.read().decode()
+    proc.stderr.close()
+    assert proc.wait(timeout=60) == 141, err
+    assert "Traceback" not in err
