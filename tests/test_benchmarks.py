@@ -88,3 +88,12 @@ def test_gpu_check_correctness_part_passes_on_the_cpu_stand_in() -> None:
     for check in ("forward", "grad x", "grad A", "grad B", "20 Adam steps: A", "20 Adam steps: B"):
         assert check in proc.stdout
     assert "FAIL" not in proc.stdout
+
+
+def test_profile_step_reports_parts_that_add_up_to_the_step(tmp_path: Path) -> None:
+    out = tmp_path / "profile.json"
+    run("profile_step.py", "--shape", "8x16x12x2", "--json", str(out))
+    rec = json.loads(out.read_text())
+    assert rec["shape"] == [8, 16, 12, 2]
+    assert abs(sum(rec["parts_ms"].values()) - rec["step_ms"]) < 1e-9  # "the rest" closes the sum
+    assert rec["floor_ms"] > 0 and rec["raw_ms"] > 0
