@@ -32,7 +32,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import minilora as ml  # noqa: E402
-from minilora._io import atomic_open  # noqa: E402
+from minilora._io import atomic_open, pyplot, save_png  # noqa: E402
 
 SHAPES = [(32, 100, 100, 4), (256, 1024, 1024, 8), (2048, 1024, 1024, 8), (512, 4096, 4096, 16)]
 QUICK_SHAPES = [(32, 100, 100, 4), (256, 1024, 1024, 8)]
@@ -236,14 +236,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def plot(records: list[dict], path: str) -> None:
     """Step time per case for the three contenders, log scale, written atomically."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     labels = [f"{r['n']}x{r['d_in']}x{r['d_out']}x{r['r']} f{r['dtype'][5:]} {r['loss']}" for r in records]
     xs = np.arange(len(records))
-    fig, ax = plt.subplots(figsize=(max(8, 0.7 * len(records)), 5))
+    fig, ax = pyplot().subplots(figsize=(max(8, 0.7 * len(records)), 5))
     series = ((-0.27, "floor_s", "BLAS floor"), (0, "minilora_s", "minilora"), (0.27, "torch_s", "torch"))
     for offset, key, name in series:
         vals = [r[key] * 1e3 if r.get(key) else np.nan for r in records]
@@ -254,11 +249,7 @@ def plot(records: list[dict], path: str) -> None:
     ax.legend()
     ax.set_title("LoRA training step: minilora, PyTorch eager (CPU) and the matrix products alone")
     fig.tight_layout()
-    try:
-        with atomic_open(path, "wb") as fh:
-            fig.savefig(fh, format="png", dpi=110)
-    finally:
-        plt.close(fig)
+    save_png(fig, path, dpi=110)
     print(f"wrote {path}")
 
 

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import tempfile
 from collections.abc import Iterator
 from typing import IO, Any
 
-__all__ = ["atomic_open"]
+__all__ = ["atomic_open", "pyplot", "save_png", "read_json"]
 
 
 @contextlib.contextmanager
@@ -42,3 +43,34 @@ def _mode_for(path: str) -> int:
         umask = os.umask(0)
         os.umask(umask)
         return 0o666 & ~umask
+
+
+def pyplot() -> Any:
+    """matplotlib.pyplot on the non-interactive Agg backend (ImportError when not installed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_png(fig: Any, path: str | os.PathLike, **savefig: Any) -> None:
+    """Write a matplotlib figure to ``path`` as PNG, atomically, and close it."""
+    try:
+        with atomic_open(path, "wb") as fh:
+            fig.savefig(fh, format="png", **savefig)
+    finally:
+        pyplot().close(fig)
+
+
+def read_json(path: str, error: type[Exception], *, missing: str, invalid: str) -> Any:
+    """The JSON value in ``path``; ``error(f"{path}: {missing}")`` when the file is absent and
+    ``error(f"{path}: {invalid} (the parser's reason)")`` when it cannot be read as UTF-8 JSON."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return json.load(fh)
+    except FileNotFoundError:
+        raise error(f"{path}: {missing}") from None
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise error(f"{path}: {invalid} ({' '.join(str(exc).split())})") from None

@@ -7,7 +7,7 @@ import json
 import os
 from typing import Any
 
-from ._io import atomic_open
+from ._io import pyplot, save_png
 from .cli import Progress, fail, int_at_least
 
 
@@ -98,20 +98,11 @@ def _demo_table(r: dict) -> str:
 
 
 def _plot_losses(losses: list[float], path: str, *, title: str) -> None:
-    """Write a log-scale loss curve to ``path`` atomically (temp file, then rename)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
+    """Write a log-scale loss curve to ``path`` as a PNG, atomically."""
+    fig, ax = pyplot().subplots(figsize=(6, 4))
     ax.semilogy(range(1, len(losses) + 1), losses)
     ax.set_xlabel("step")
     ax.set_ylabel("mean L1 loss")
     ax.set_title(title)
     fig.tight_layout()
-    try:
-        with atomic_open(path, "wb") as fh:
-            fig.savefig(fh, format="png")
-    finally:
-        plt.close(fig)
+    save_png(fig, path)

@@ -9,7 +9,7 @@ import sys
 import time
 from typing import Any
 
-from ._io import atomic_open
+from ._io import atomic_open, pyplot, save_png
 from .cli import fail, int_at_least
 
 
@@ -166,24 +166,15 @@ def sweep_table(out: dict, *, wall: float | None = None) -> str:
 
 def plot_sweep(out: dict, path: str) -> None:
     """Write ``sweep_figure(out)`` as a PNG, atomically."""
-    import matplotlib.pyplot as plt
-
-    fig = sweep_figure(out)
-    try:
-        with atomic_open(path, "wb") as fh:
-            fig.savefig(fh, format="png")
-    finally:
-        plt.close(fig)
+    save_png(sweep_figure(out), path)
 
 
 def sweep_figure(out: dict) -> Any:
     """Loss curves per rank (mean over seeds) and the subspace-similarity heat map, one row per
     task (a matplotlib Figure)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import numpy as np
+
+    plt = pyplot()
 
     tasks = out["settings"]["tasks"]
     fig, axes = plt.subplots(len(tasks), 2, figsize=(11, 4 * len(tasks)), squeeze=False,

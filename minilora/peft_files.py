@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from . import safetensors_io as st
-from ._io import atomic_open
+from ._io import atomic_open, read_json
 from .errors import MiniLoraValueError, ShapeError
 
 __all__ = [
@@ -175,13 +175,8 @@ def load_peft_adapter(folder: str | os.PathLike) -> PeftAdapter:
     wpath = os.path.join(folder, WEIGHTS_NAME)
     if not os.path.isdir(folder):
         raise PeftFileError(f"{folder}: adapter folder not found")
-    try:
-        with open(cpath, encoding="utf-8") as fh:
-            config = json.load(fh)
-    except FileNotFoundError:
-        raise PeftFileError(f"{cpath}: file not found (not a PEFT adapter folder?)") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise PeftFileError(f"{cpath}: corrupt JSON ({exc})") from None
+    config = read_json(cpath, PeftFileError, missing="file not found (not a PEFT adapter folder?)",
+                       invalid="corrupt JSON")
     check_config(config, cpath)
     if not os.path.exists(wpath):
         if os.path.exists(os.path.join(folder, "adapter_model.bin")):

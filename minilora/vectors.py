@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from ._io import atomic_open
+from ._io import atomic_open, read_json
 from .errors import MiniLoraError, MiniLoraValueError, NonFiniteError, ShapeError
 from .safetensors_io import SafetensorsError, load_bytes, save
 
@@ -367,13 +367,8 @@ def _manifest(folder: str) -> dict:
     path = os.path.join(folder, MANIFEST)
     if not os.path.isdir(folder):
         raise VectorsError(f"{folder}: no such folder")
-    try:
-        with open(path, encoding="utf-8") as fh:
-            manifest = json.load(fh)
-    except FileNotFoundError:
-        raise VectorsError(f"{path}: missing (is {folder} a vector folder from `minilora vectors export`?)") from None
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise VectorsError(f"{path}: not valid JSON ({' '.join(str(exc).split())})") from None
+    manifest = read_json(path, VectorsError, invalid="not valid JSON",
+                         missing=f"missing (is {folder} a vector folder from `minilora vectors export`?)")
     if not isinstance(manifest, dict):
         raise VectorsError(f"{path}: expected a JSON object; got {type(manifest).__name__}")
     version = manifest.get("schema_version")
