@@ -33,6 +33,9 @@ def check_dim(value: Any, name: str) -> int:
 def check_real(value: Any, name: str, *, low: float | None = None, high: float | None = None,
                low_open: bool = False, high_open: bool = False) -> float:
     """A finite real number within the given bounds; returned as ``float``."""
+    if type(value) is float and math.isfinite(value) and (low is None or value > low) and (
+            high is None or value < high):  # fast path, run at every step: strictly inside
+        return value
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise MiniLoraTypeError(f"{name} must be a real number; got {value!r} ({type(value).__name__})")
     v = float(value)
