@@ -358,17 +358,23 @@ def _delta_jvp(argnums: tuple[int, ...], gs: list, ans: Any, args: tuple, kwargs
 
 
 def _loss_vjp(grad_of_d: Any) -> Any:
-    """VJP maker of a loss of d = pred - target, given d's gradient as ``grad_of_d(d, g, n, xp)``."""
+    """VJP maker of a loss of d = pred - target, given d's gradient as
+    ``grad_of_d(d, g, n, xp, own)`` (``own``: d may be overwritten)."""
 
     def maker(argnums: tuple[int, ...], ans: Any, args: tuple, kwargs: dict) -> Any:
         pred, target = args[0], args[1]
         xp = namespace_of(pred, target)
-        d = _recall("d", pred)
-        d = pred - target if d is None else d
+        memo = _recall("d", pred)  # this module's own temporary: nobody else holds it
+        d = pred - target if memo is None else memo
         n = _count(d) if kwargs.get("mean", True) else 1
+        spent = [False]
 
         def vjp(g: Any) -> list[Any]:
-            gd = grad_of_d(d, g, n, xp)
+            # The first call may write the gradient over d (one (n, d_out) temporary fewer in
+            # the step); a second call of the same VJP (make_vjp allows it) recomputes d.
+            own = not spent[0]
+            spent[0] = True
+            gd = grad_of_d(d if own else pred - target, g, n, xp, own)
             return [gd if i == 0 else -gd for i in argnums]
 
         return vjp
@@ -400,9 +406,22 @@ defvjp_argnums(lora_delta, _delta_vjp)
 defjvp_argnums(lora_delta, _delta_jvp)
 defvjp(tanh, lambda ans, x: lambda g: g * (1.0 - ans * ans))
 defjvp(tanh, lambda g, ans, x: g * (1.0 - ans * ans))
-defvjp_argnums(l1_loss_op, _loss_vjp(lambda d, g, n, xp: _mul_(xp.sign(d), g / n)))
+def _l1_grad(d: Any, g: Any, n: int, xp: Any, own: bool) -> Any:
+    """sign(d) * (g / N); written over d when ``own`` (d is a temporary of this module's)."""
+    if own and type(d) is np.ndarray:
+        return np.multiply(np.sign(d, out=d), g / n, out=d)
+    return _mul_(xp.sign(d), g / n)
+
+
+def _mse_grad(d: Any, g: Any, n: int, xp: Any, own: bool) -> Any:
+    """d * (2/N * g), ATen's order of rounding; written over d when ``own``."""
+    c = (2.0 / n) * g
+    return np.multiply(d, c, out=d) if own and type(d) is np.ndarray and np.ndim(c) == 0 else d * c
+
+
+defvjp_argnums(l1_loss_op, _loss_vjp(_l1_grad))
 defjvp_argnums(l1_loss_op, _loss_jvp(lambda d, t, xp: xp.sum(xp.sign(d) * t)))
-defvjp_argnums(mse_loss_op, _loss_vjp(lambda d, g, n, xp: d * ((2.0 / n) * g)))
+defvjp_argnums(mse_loss_op, _loss_vjp(_mse_grad))
 defjvp_argnums(mse_loss_op, _loss_jvp(lambda d, t, xp: xp.sum(d * t) * 2.0))
 
 

@@ -60,3 +60,28 @@ def test_loss_gradients_are_the_same_with_and_without_the_memo(loss, mean: bool,
     for a, b in zip(with_memo, without):
         np.testing.assert_array_equal(a, b)
     np.testing.assert_array_equal(with_memo[0], -with_memo[1])  # d/dtarget = -d/dpred
+
+
+@pytest.mark.parametrize("loss", [ops.l1_loss_op, ops.mse_loss_op], ids=["l1", "mse"])
+def test_a_loss_vjp_called_twice_gives_the_same_gradient_and_leaves_its_inputs_alone(loss) -> None:
+    # The first call writes the gradient over the forward's private d; the second must not see
+    # that (make_vjp hands out a VJP that may be called any number of times).
+    rng = np.random.default_rng(3)
+    pred, target = rng.standard_normal((5, 4)), rng.standard_normal((5, 4))
+    pred_before, target_before = pred.copy(), target.copy()
+    vjp, _ = make_vjp(lambda p: loss(p, target))(pred)
+    first = vjp(np.float64(1.0)).copy()
+    second = vjp(np.float64(2.0))
+    np.testing.assert_array_equal(second, 2.0 * first)  # the gradient is linear in g; x2 is exact
+    d = pred - target
+    expected = np.sign(d) / d.size if loss is ops.l1_loss_op else d * (2.0 / d.size)
+    np.testing.assert_array_equal(first, expected)
+    np.testing.assert_array_equal(pred, pred_before)
+    np.testing.assert_array_equal(target, target_before)
+
+
+def test_the_mse_gradient_keeps_float32() -> None:
+    pred = np.linspace(-1, 1, 12, dtype=np.float32).reshape(3, 4)
+    target = np.ones((3, 4), np.float32)
+    vjp, _ = make_vjp(lambda p: ops.mse_loss_op(p, target))(pred)
+    assert vjp(np.float32(1.0)).dtype == np.float32
