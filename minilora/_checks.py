@@ -10,6 +10,7 @@ import numbers
 from typing import Any
 
 import numpy as np
+from autograd.numpy.numpy_boxes import ArrayBox
 from autograd.tracer import getval
 
 from .backend import namespace_of
@@ -75,6 +76,8 @@ def check_floats(**arrays: Any) -> Any:
     for v in arrays.values():  # fast path, run at every step: all NumPy arrays of one float dtype
         if v is None:
             continue
+        if type(v) is ArrayBox:  # a traced value (the loss's pred): check what it holds
+            v = v._value
         if type(v) is not np.ndarray or (first is not None and v.dtype != first):
             break
         first = v.dtype

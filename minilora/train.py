@@ -13,6 +13,8 @@ from collections.abc import Callable
 from typing import Any
 
 import autograd
+import numpy as np
+from autograd.core import make_vjp, vspace
 from autograd.tracer import getval
 
 from .backend import namespace_of
@@ -52,6 +54,29 @@ def value_and_grad(fun: Callable, argnum: int | tuple[int, ...] = 0) -> Callable
         return vg(*args, **kwargs)
 
     return value_and_grad_fun
+
+
+def _value_and_grad_first(fun: Callable) -> Callable:
+    """``autograd.value_and_grad(fun)`` (argument 0) for ``fit``'s loop: the same trace and
+    backward pass (``autograd.core.make_vjp``), without the wrappers autograd builds on every
+    call, which cost as much as a seed-sized product."""
+
+    def vg(x: Any, *args: Any) -> tuple[Any, Any]:
+        vjp, ans = make_vjp(lambda p: fun(p, *args), x)
+        if type(ans) in _NUMPY_SCALARS or type(ans) is np.ndarray:
+            if ans.size != 1:
+                raise MiniLoraTypeError(f"the loss must be a scalar; loss_fn returned shape {ans.shape}")
+            return ans, vjp(np.ones(ans.shape, ans.dtype))
+        space = vspace(ans)
+        if space.size != 1:
+            raise MiniLoraTypeError(f"the loss must be a scalar; loss_fn returned {type(ans).__name__} "
+                                    f"of size {space.size}")
+        return ans, vjp(space.ones())
+
+    return vg
+
+
+_NUMPY_SCALARS = (np.float64, np.float32, np.float16)
 
 
 def count_params(tree: Any) -> int:
@@ -101,7 +126,7 @@ def fit(
             f"data_or_args must be a tuple of arguments or a callable step -> tuple; "
             f"got {type(data_or_args).__name__}"
         )
-    vg = autograd.value_and_grad(loss_fn)  # array types are registered below, per new argument
+    vg = _value_and_grad_first(loss_fn)  # array types are registered below, per new argument
     opts = adam_options(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, decoupled=decoupled,
                         amsgrad=amsgrad)
     state = adam_init(params, amsgrad=amsgrad) if state is None else state

@@ -562,6 +562,13 @@ def test_fit_rejects_bad_data_or_args(args: Any) -> None:
            "data_or_args must be a tuple of arguments or a callable", type(args).__name__)
 
 
+def test_fit_rejects_a_loss_that_is_not_a_scalar() -> None:
+    params = {"W": np.ones((2, 3))}
+    expect(lambda: ml.fit(lambda p: p["W"] * 2.0, params, (), steps=1, lr=0.1), TypeError,
+           "the loss must be a scalar", "(2, 3)")
+    assert np.array_equal(params["W"], np.ones((2, 3)))  # nothing was updated
+
+
 def test_fit_passes_option_errors_through() -> None:
     loss, params, data = _regression(_HostPut())
     expect(lambda: ml.fit(loss, params, data(1), steps=3, lr=-0.1), ValueError, "lr must be >= 0.0")
