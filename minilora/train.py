@@ -34,19 +34,20 @@ def _register(tree: Any) -> None:
 def grad(fun: Callable, argnum: int | tuple[int, ...] = 0) -> Callable:
     """autograd's ``grad`` (gradient of a scalar function w.r.t. argument ``argnum``), also for
     non-NumPy array types: the returned function has the structure of that argument."""
-    g = autograd.grad(fun, argnum)
+    g = _lean_value_and_grad(fun, argnum) if type(argnum) is int else autograd.grad(fun, argnum)
 
     @functools.wraps(fun)
     def grad_fun(*args: Any, **kwargs: Any) -> Any:
         _register(args)
-        return g(*args, **kwargs)
+        out = g(*args, **kwargs)
+        return out[1] if type(argnum) is int else out
 
     return grad_fun
 
 
 def value_and_grad(fun: Callable, argnum: int | tuple[int, ...] = 0) -> Callable:
     """autograd's ``value_and_grad``: returns ``(fun(*args), gradient w.r.t. argnum)``."""
-    vg = autograd.value_and_grad(fun, argnum)
+    vg = _lean_value_and_grad(fun, argnum) if type(argnum) is int else autograd.value_and_grad(fun, argnum)
 
     @functools.wraps(fun)
     def value_and_grad_fun(*args: Any, **kwargs: Any) -> Any:
@@ -56,21 +57,28 @@ def value_and_grad(fun: Callable, argnum: int | tuple[int, ...] = 0) -> Callable
     return value_and_grad_fun
 
 
-def _value_and_grad_first(fun: Callable) -> Callable:
-    """``autograd.value_and_grad(fun)`` (argument 0) for ``fit``'s loop: the same trace and
-    backward pass (``autograd.core.make_vjp``), without the wrappers autograd builds on every
-    call, which cost as much as a seed-sized product."""
+def _lean_value_and_grad(fun: Callable, argnum: int = 0) -> Callable:
+    """``autograd.value_and_grad(fun, argnum)`` for one argument: the same trace and backward
+    pass (``autograd.core.make_vjp``), without the wrappers autograd rebuilds on every call,
+    which cost as much as a seed-sized product."""
 
-    def vg(x: Any, *args: Any) -> tuple[Any, Any]:
-        vjp, ans = make_vjp(lambda p: fun(p, *args), x)
+    def vg(*args: Any, **kwargs: Any) -> tuple[Any, Any]:
+        if not -len(args) <= argnum < len(args):
+            raise MiniLoraValueError(f"argnum {argnum} is out of range for {len(args)} positional arguments")
+        i = argnum % len(args)
+
+        def unary(p: Any) -> Any:
+            return fun(*args[:i], p, *args[i + 1:], **kwargs)
+
+        vjp, ans = make_vjp(unary, args[i])
         if type(ans) in _NUMPY_SCALARS or type(ans) is np.ndarray:
             if ans.size != 1:
-                raise MiniLoraTypeError(f"the loss must be a scalar; loss_fn returned shape {ans.shape}")
+                raise MiniLoraTypeError(f"the loss must be a scalar; the function returned shape {ans.shape}")
             return ans, vjp(np.ones(ans.shape, ans.dtype))
         space = vspace(ans)
         if space.size != 1:
-            raise MiniLoraTypeError(f"the loss must be a scalar; loss_fn returned {type(ans).__name__} "
-                                    f"of size {space.size}")
+            raise MiniLoraTypeError(f"the loss must be a scalar; the function returned "
+                                    f"{type(ans).__name__} of size {space.size}")
         return ans, vjp(space.ones())
 
     return vg
@@ -126,7 +134,7 @@ def fit(
             f"data_or_args must be a tuple of arguments or a callable step -> tuple; "
             f"got {type(data_or_args).__name__}"
         )
-    vg = _value_and_grad_first(loss_fn)  # array types are registered below, per new argument
+    vg = _lean_value_and_grad(loss_fn)  # array types are registered below, per new argument
     opts = adam_options(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, decoupled=decoupled,
                         amsgrad=amsgrad)
     state = adam_init(params, amsgrad=amsgrad) if state is None else state

@@ -565,7 +565,7 @@ def test_fit_rejects_bad_data_or_args(args: Any) -> None:
 def test_fit_rejects_a_loss_that_is_not_a_scalar() -> None:
     params = {"W": np.ones((2, 3))}
     expect(lambda: ml.fit(lambda p: p["W"] * 2.0, params, (), steps=1, lr=0.1), TypeError,
-           "the loss must be a scalar", "(2, 3)")
+           "the loss must be a scalar", "shape (2, 3)")
     assert np.array_equal(params["W"], np.ones((2, 3)))  # nothing was updated
 
 
