@@ -10,7 +10,8 @@ for A and B (W is frozen), and one Adam update of A and B. The three contenders,
               x W^T, x A^T, (x A^T) B^T for the forward; G B, (G B)^T x, G^T (x A^T) for
               the gradients (G the loss gradient, given)
 
-Each contender runs in blocks of repeated calls after a warm-up, three block cycles; medians
+Each contender runs in blocks of repeated calls after a warm-up, three block cycles (the floor
+and minilora interleaved call by call in shared blocks, torch in blocks of its own); medians
 are reported, and the ratios minilora/floor and minilora/torch are measured in the same run.
 The threads are the defaults of both libraries (all cores). Usage:
 
@@ -41,31 +42,37 @@ LOSSES = ("mse", "l1")
 
 
 # torch's OpenMP threads keep spinning for a while (KMP_BLOCKTIME, 200 ms by default) after
-# each parallel region, taking the cores from whatever runs next. Contenders therefore run in
-# blocks separated by a pause longer than that, and the block cycle repeats so that slow drifts
-# of the machine's load hit every contender alike. torch keeps its default settings.
+# each parallel region, taking the cores from whatever runs next. torch therefore runs in blocks
+# of its own, separated from the others by a pause longer than that, and the block cycle
+# repeats so that slow drifts of the machine's load hit every contender alike. The floor and
+# minilora, both NumPy, share their blocks call by call (floor, minilora, floor, ...), so the
+# ratio minilora/floor compares calls made moments apart. torch keeps its default settings.
 PAUSE_S = 0.3
 CYCLES = 3
 BLOCK_S = 0.5  # each block runs about this long, so a short hiccup is one sample among many
 
 
-def median_times(fns: dict, repeat: int, warmup: int = 2) -> dict:
-    """Median seconds per call of each function over CYCLES blocks of calls each; a block has
-    at least ``repeat`` calls, more when that is needed to fill BLOCK_S seconds."""
-    times: dict = {k: [] for k in fns}
-    calls: dict = {}
+def median_times(groups: list[dict], repeat: int, warmup: int = 2) -> dict:
+    """Median seconds per call of each function. ``groups`` is a list of {name: function}; the
+    functions of a group run interleaved, call by call, in one block; each group gets CYCLES
+    blocks, with at least ``repeat`` rounds each, more when that is needed to fill BLOCK_S."""
+    times: dict = {k: [] for group in groups for k in group}
+    rounds: dict = {}
     for cycle in range(CYCLES):
-        for k, fn in fns.items():
+        for gi, group in enumerate(groups):
             time.sleep(PAUSE_S)
+            warm = 0.0
             for _ in range(warmup if cycle == 0 else 1):
                 t = time.perf_counter()
-                fn()
+                for fn in group.values():
+                    fn()
                 warm = time.perf_counter() - t
-            calls.setdefault(k, max(repeat, min(500, int(BLOCK_S / max(warm, 1e-9)))))
-            for _ in range(calls[k]):
-                t = time.perf_counter()
-                fn()
-                times[k].append(time.perf_counter() - t)
+            rounds.setdefault(gi, max(repeat, min(500, int(BLOCK_S / max(warm, 1e-9)))))
+            for _ in range(rounds[gi]):
+                for k, fn in group.items():
+                    t = time.perf_counter()
+                    fn()
+                    times[k].append(time.perf_counter() - t)
     return {k: statistics.median(v) for k, v in times.items()}
 
 
@@ -141,10 +148,10 @@ def run(shapes: list, repeat: int, torch: Any) -> list[dict]:
             c = make_case(n, d_in, d_out, r, dtype)
             reps = repeat
             for loss in LOSSES:
-                fns = {"floor": floor_step(c), "minilora": minilora_step(c, loss)}
+                groups = [{"floor": floor_step(c), "minilora": minilora_step(c, loss)}]
                 if torch is not None:
-                    fns["torch"] = torch_step(c, loss, torch)
-                med = median_times(fns, reps)
+                    groups.append({"torch": torch_step(c, loss, torch)})
+                med = median_times(groups, reps)
                 floor_s, mini_s, torch_s = med["floor"], med["minilora"], med.get("torch")
                 records.append({
                     "name": f"n{n}_in{d_in}_out{d_out}_r{r}_{dtype}_{loss}",

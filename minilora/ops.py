@@ -410,9 +410,8 @@ defjvp_argnums(lora_delta, _delta_jvp)
 defvjp(tanh, lambda ans, x: lambda g: g * (1.0 - ans * ans))
 defjvp(tanh, lambda g, ans, x: g * (1.0 - ans * ans))
 def _l1_grad(d: Any, g: Any, n: int, xp: Any, own: bool) -> Any:
-    """sign(d) * (g / N); written over d when ``own`` (d is a temporary of this module's)."""
-    if own and type(d) is np.ndarray:
-        return np.multiply(np.sign(d, out=d), g / n, out=d)
+    """sign(d) * (g / N). Not written over d: NumPy's sign is about ten times slower in place
+    (``np.sign(d, out=d)``) than into a new array."""
     return _mul_(xp.sign(d), g / n)
 
 

@@ -90,10 +90,16 @@ def test_gpu_check_correctness_part_passes_on_the_cpu_stand_in() -> None:
     assert "FAIL" not in proc.stdout
 
 
-def test_profile_step_reports_parts_that_add_up_to_the_step(tmp_path: Path) -> None:
+def test_profile_step_reports_every_version_of_the_step_for_each_case(tmp_path: Path) -> None:
     out = tmp_path / "profile.json"
-    run("profile_step.py", "--shape", "8x16x12x2", "--json", str(out))
+    proc = run("profile_step.py", "--shapes", "8x16x12x2", "--dtypes", "float32", "--seconds", "0.05",
+               "--scipy-gemm", "--json", str(out))
     rec = json.loads(out.read_text())
-    assert rec["shape"] == [8, 16, 12, 2]
-    assert abs(sum(rec["parts_ms"].values()) - rec["step_ms"]) < 1e-9  # "the rest" closes the sum
-    assert rec["floor_ms"] > 0 and rec["raw_ms"] > 0
+    assert [(p["shape"], p["dtype"], p["loss"]) for p in rec["profiles"]] == [
+        ([8, 16, 12, 2], "float32", "mse"), ([8, 16, 12, 2], "float32", "l1")]
+    for p in rec["profiles"]:
+        assert list(p["ms"]) == ["floor", "+ forward add", "+ loss", "+ Adam", "minilora step"]
+        assert all(v > 0 for v in p["ms"].values())
+    assert set(rec["scipy_gemm"][0]["ms"]) == {
+        "numpy alone", "scipy alone", "numpy then scipy, alternating (sum of the two)"}
+    assert "ratio to floor" in proc.stdout
