@@ -11,7 +11,7 @@ for A and B (W is frozen), and one Adam update of A and B. The three contenders,
               the gradients (G the loss gradient, given)
 
 Each contender runs in blocks of repeated calls after a warm-up, three block cycles (the floor
-and minilora interleaved call by call in shared blocks, torch in blocks of its own); medians
+and minilora taking turns of a few calls in shared blocks, torch in blocks of its own); medians
 are reported, and the ratios minilora/floor and minilora/torch are measured in the same run.
 The threads are the defaults of both libraries (all cores). Usage:
 
@@ -45,17 +45,20 @@ LOSSES = ("mse", "l1")
 # each parallel region, taking the cores from whatever runs next. torch therefore runs in blocks
 # of its own, separated from the others by a pause longer than that, and the block cycle
 # repeats so that slow drifts of the machine's load hit every contender alike. The floor and
-# minilora, both NumPy, share their blocks call by call (floor, minilora, floor, ...), so the
-# ratio minilora/floor compares calls made moments apart. torch keeps its default settings.
+# minilora, both NumPy, share their blocks in short runs (RUN calls of one after an untimed call
+# that leaves the caches as a training loop would, then RUN of the other, ...), so the ratio
+# minilora/floor compares calls made moments apart. torch keeps its default settings.
 PAUSE_S = 0.3
 CYCLES = 3
 BLOCK_S = 0.5  # each block runs about this long, so a short hiccup is one sample among many
+RUN = 3  # timed calls in a row of one function inside a shared block
 
 
 def median_times(groups: list[dict], repeat: int, warmup: int = 2) -> dict:
     """Median seconds per call of each function. ``groups`` is a list of {name: function}; the
-    functions of a group run interleaved, call by call, in one block; each group gets CYCLES
-    blocks, with at least ``repeat`` rounds each, more when that is needed to fill BLOCK_S."""
+    functions of a group take turns in one block, each turn one untimed call and RUN timed ones
+    (so a call finds the caches as its own previous call left them, as in a training loop);
+    each group gets CYCLES blocks of at least ``repeat`` rounds, more to fill BLOCK_S."""
     times: dict = {k: [] for group in groups for k in group}
     rounds: dict = {}
     for cycle in range(CYCLES):
@@ -67,12 +70,16 @@ def median_times(groups: list[dict], repeat: int, warmup: int = 2) -> dict:
                 for fn in group.values():
                     fn()
                 warm = time.perf_counter() - t
-            rounds.setdefault(gi, max(repeat, min(500, int(BLOCK_S / max(warm, 1e-9)))))
+            per_round = warm * ((RUN + 1) if len(group) > 1 else 1)
+            rounds.setdefault(gi, max(repeat, min(500, int(BLOCK_S / max(per_round, 1e-9)))))
             for _ in range(rounds[gi]):
                 for k, fn in group.items():
-                    t = time.perf_counter()
-                    fn()
-                    times[k].append(time.perf_counter() - t)
+                    if len(group) > 1:
+                        fn()
+                    for _ in range(RUN if len(group) > 1 else 1):
+                        t = time.perf_counter()
+                        fn()
+                        times[k].append(time.perf_counter() - t)
     return {k: statistics.median(v) for k, v in times.items()}
 
 
@@ -105,6 +112,7 @@ def minilora_step(c: dict, loss: str) -> Any:
         _, g = vg(box["lora"], frozen, c["x"], c["y"])
         box["lora"], box["state"] = ml.adam_step(box["lora"], g, box["state"], lr=1e-4)
 
+    step.box = box  # type: ignore[attr-defined]  # the adapter and state, for profile_step's check
     return step
 
 

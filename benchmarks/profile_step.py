@@ -1,21 +1,21 @@
-"""Where a LoRA training step spends its time beyond the matrix products: a cumulative profile.
+"""Where a LoRA training step spends its time: every array operation of the step, timed in place.
 
-Five versions of one step, each the one before plus one part of minilora's step, run
-interleaved call by call (so the machine's drift hits them alike), medians over many rounds.
-The difference between two neighbours is what that part costs inside the step, with the
-caches as the step leaves them (a part timed alone finds its operands in cache and looks
-cheaper):
+minilora's step on NumPy is a fixed sequence of array operations: the forward of
+``ops.lora_linear``, the loss's forward and VJP, the VJP of the LoRA linear, the Adam update.
+This script runs that sequence as it is written in ``minilora/ops.py`` and ``optim.py``, with a
+clock read around each operation, so each one is timed where it runs in the step (after the
+operation before it, with the caches as the step leaves them; timed alone, an operation finds
+its operands in cache and looks cheaper). Each operation is marked
 
-    1 floor           the products alone, as in bench_step.py: x W^T, x A^T, h B^T, G B,
-                      (G B)^T x, G^T h, with a given G
-    2 + forward add   minilora's forward (ops.lora_linear): h = s x A^T and y = x W^T + h B^T,
-                      which adds the (n, d_out) product h B^T into y; then its VJP with the given G
-    3 + loss          the loss's forward and VJP (ops.mse_loss_op / l1_loss_op): d = y - t, the
-                      reduction (MSE: one BLAS dot; L1: sum |d|), the gradient G = d * c or
-                      sign(d) * c, which the products of version 2 now use
-    4 + Adam          the update of A and B (optim.adam_apply)
-    5 minilora step   the real step: lora_dense, the loss, value_and_grad (autograd's tracing)
-                      and adam_step (the input checks), as bench_step.py times it
+    floor   one of the matrix products the step cannot avoid (bench_step.py's floor)
+    extra   what minilora does beyond them: the scale, the add, the loss's elementwise passes,
+            the Adam update
+
+In the same loop it times the real step (``value_and_grad`` through ``lora_dense`` and the
+loss, then ``adam_step``) and the floor as bench_step.py does; the real step minus the sum of
+the timed operations is autograd's tracing, the input checks and the Python between the
+operations. Before timing, it checks that the instrumented sequence gives bit for bit the A and
+B of the real step, so the profile is of minilora's arithmetic and nothing else.
 
 ``--scipy-gemm`` also times the forward with the add done inside BLAS (scipy's gemm with
 beta = 1, no (n, d_out) temporary), alone and alternating with NumPy's matmul as it would in a
@@ -42,73 +42,113 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_step import floor_step, make_case, minilora_step  # noqa: E402
 
 import minilora as ml  # noqa: E402
-from minilora import ops  # noqa: E402
 from minilora.optim import adam_apply, adam_options  # noqa: E402
 
 SHAPES = [(256, 1024, 1024, 8), (2048, 1024, 1024, 8)]
-VERSIONS = ("floor", "+ forward add", "+ loss", "+ Adam", "minilora step")
+RUN = 3  # timed calls in a row of one contender, after one untimed call
 
 
-def versions(c: dict, loss: str) -> dict:
-    """The five versions of the step as functions of no arguments, in VERSIONS order."""
-    W, x, t, G0, s = c["W"], c["x"], c["y"], c["G"], c["scale"]
-    loss_op = ops.mse_loss_op if loss == "mse" else ops.l1_loss_op
-    loss_vjp = ops._loss_vjp(ops._mse_grad if loss == "mse" else ops._l1_grad)
-    one = np.asarray(1.0, dtype=x.dtype)
+class Clock:
+    """Records the time of each named operation of one instrumented step."""
+
+    def __init__(self) -> None:
+        self.times: dict = {}
+        self.kinds: dict = {}
+
+    def __call__(self, name: str, kind: str, fn: Any) -> Any:
+        t = time.perf_counter()
+        out = fn()
+        self.times.setdefault(name, []).append(time.perf_counter() - t)
+        self.kinds[name] = kind
+        return out
+
+
+def instrumented_step(c: dict, loss: str, clock: Clock) -> tuple[Any, dict]:
+    """minilora's NumPy step, operation by operation, as ``ops.lora_linear`` (forward and VJP for
+    A and B, no bias, no mask), ``ops.mse_loss_op``/``l1_loss_op`` (mean; forward and VJP,
+    gradient written over d as ``_mse_grad`` does) and ``optim.adam_apply`` compute it."""
+    W, x, t, s = c["W"], c["x"], c["y"], c["scale"]
     box = {"lora": {"A": c["A"].copy(), "B": c["B"].copy()}}
     box["state"], opts = ml.adam_init(box["lora"]), adam_options(lr=1e-4)
+    one = np.asarray(1.0, dtype=x.dtype)
+    N = t.size
 
-    def lora_part(G: Any = None) -> tuple[Any, ...]:
+    def step() -> None:
         A, B = box["lora"]["A"], box["lora"]["B"]
-        y = ops.lora_linear.fun(x, W, None, A, B, None, scale=s)
-        if G is None:  # version 3 on: the loss's own gradient
-            value = loss_op.fun(y, t)
-            (G,) = loss_vjp((0,), value, (y, t), {})(one)
-        dA, dB = ops._lora_linear_vjp((3, 4), y, (x, W, None, A, B, None), {"scale": s})(G)
-        return dA, dB
+        h = clock("x A^T", "floor", lambda: x @ A.T)
+        h = clock("h * s (in place)", "extra", lambda: np.multiply(h, s, out=h))
+        y = clock("x W^T", "floor", lambda: x @ W.T)
+        z = clock("h B^T", "floor", lambda: h @ B.T)
+        y = clock("y + h B^T (in place)", "extra", lambda: np.add(y, z, out=y))
+        d = clock("d = y - t", "extra", lambda: y - t)
+        if loss == "mse":
+            clock("loss: vdot(d, d) / N", "extra", lambda: np.vdot(d, d) / N)
+            G = clock("G = d * (2/N) (in place)", "extra", lambda: np.multiply(d, (2.0 / N) * one, out=d))
+        else:
+            sg = clock("sign(d)", "extra", lambda: np.sign(d))
+            clock("loss: vdot(sign(d), d) / N", "extra", lambda: np.vdot(sg, d) / N)
+            G = clock("G = sign(d) * (1/N) (in place)", "extra", lambda: np.multiply(sg, one / N, out=sg))
+        gB = clock("G B", "floor", lambda: G @ B)
+        gB = clock("(G B) * s", "extra", lambda: gB * s)
+        dA = clock("(G B)^T x", "floor", lambda: gB.T @ x)
+        dB = clock("G^T h", "floor", lambda: G.T @ h)
+        box["lora"], box["state"] = clock("Adam on A and B", "extra",
+                                          lambda: adam_apply(box["lora"], {"A": dA, "B": dB}, box["state"], opts))
 
-    def with_adam() -> None:
-        dA, dB = lora_part(None)
-        box["lora"], box["state"] = adam_apply(box["lora"], {"A": dA, "B": dB}, box["state"], opts)
-
-    return dict(zip(VERSIONS, (floor_step(c), lambda: lora_part(G0), lambda: lora_part(None), with_adam,
-                               minilora_step(c, loss))))
+    return step, box
 
 
-def interleaved_medians(fns: dict, seconds: float) -> dict:
-    """Median seconds per call of each function, calling them in turn, round after round."""
+def check_same_arithmetic(c: dict, loss: str) -> None:
+    """The instrumented step and the real one give identical A and B after two steps."""
+    real = minilora_step(c, loss)
+    mine, box = instrumented_step(c, loss, Clock())
+    for _ in range(2):
+        real()
+        mine()
+    for k in ("A", "B"):
+        if not np.array_equal(real.box["lora"][k], box["lora"][k]):  # type: ignore[attr-defined]
+            raise SystemExit(f"profile_step: the instrumented step's {k} differs from minilora's step; "
+                             "update instrumented_step to follow minilora/ops.py")
+
+
+def profile(shape: tuple, dtype: str, loss: str, seconds: float) -> dict:
+    c = make_case(*shape, dtype)
+    check_same_arithmetic(c, loss)
+    clock = Clock()
+    fns = {"step": minilora_step(c, loss), "floor": floor_step(c), "instrumented": instrumented_step(c, loss, clock)[0]}
     for fn in fns.values():  # warm up
-        fn()
         fn()
     t0 = time.perf_counter()
     for fn in fns.values():
         fn()
-    rounds = max(7, int(seconds / max(time.perf_counter() - t0, 1e-9)))
+    rounds = max(5, int(seconds / max((RUN + 1) * (time.perf_counter() - t0), 1e-9)))
+    clock.times.clear()
     times: dict = {k: [] for k in fns}
-    for _ in range(rounds):
+    for _ in range(rounds):  # turns: one untimed call, then RUN timed calls (and clock readings)
         for k, fn in fns.items():
-            t = time.perf_counter()
             fn()
-            times[k].append(time.perf_counter() - t)
-    return {k: statistics.median(v) for k, v in times.items()}
-
-
-def profile(shape: tuple, dtype: str, loss: str, seconds: float) -> dict:
-    med = interleaved_medians(versions(make_case(*shape, dtype), loss), seconds)
-    return {"shape": list(shape), "dtype": dtype, "loss": loss, "ms": {k: 1e3 * v for k, v in med.items()}}
+            for _ in range(RUN):
+                t = time.perf_counter()
+                fn()
+                times[k].append(time.perf_counter() - t)
+    ops_ms = [{"name": name, "kind": clock.kinds[name], "ms": 1e3 * statistics.median(v)}
+              for name, v in clock.times.items()]
+    return {"shape": list(shape), "dtype": dtype, "loss": loss, "ops": ops_ms,
+            **{f"{k}_ms": 1e3 * statistics.median(v) for k, v in times.items()}}
 
 
 def print_profile(rec: dict) -> None:
-    ms = rec["ms"]
-    floor = ms["floor"]
-    print(f"({', '.join(map(str, rec['shape']))}) {rec['dtype']} {rec['loss']}")
-    print(f"  {'version':<16} {'ms':>9} {'adds ms':>9} {'adds, % of floor':>17} {'ratio to floor':>15}")
-    prev = None
-    for name in VERSIONS:
-        add = "" if prev is None else f"{ms[name] - prev:9.3f}"
-        share = "" if prev is None else f"{100 * (ms[name] - prev) / floor:16.1f}%"
-        print(f"  {name:<16} {ms[name]:9.3f} {add:>9} {share:>17} {ms[name] / floor:15.3f}")
-        prev = ms[name]
+    floor = rec["floor_ms"]
+    print(f"({', '.join(map(str, rec['shape']))}) {rec['dtype']} {rec['loss']}: step {rec['step_ms']:.3f} ms, "
+          f"floor {floor:.3f} ms, ratio {rec['step_ms'] / floor:.3f}")
+    print(f"  {'operation':<34} {'kind':<6} {'ms':>8} {'% of floor':>11}")
+    for op in rec["ops"]:
+        print(f"  {op['name']:<34} {op['kind']:<6} {op['ms']:8.3f} {100 * op['ms'] / floor:10.1f}%")
+    total = {kind: sum(o["ms"] for o in rec["ops"] if o["kind"] == kind) for kind in ("floor", "extra")}
+    rest = rec["step_ms"] - total["floor"] - total["extra"]
+    for name, ms in (("sum of floor operations", total["floor"]), ("sum of extra operations", total["extra"]),
+                     ("autograd, checks, Python (the rest)", rest)):
+        print(f"  {name:<41} {ms:8.3f} {100 * ms / floor:10.1f}%")
 
 
 def scipy_gemm(shape: tuple, dtype: str, seconds: float) -> dict:
@@ -133,12 +173,23 @@ def scipy_gemm(shape: tuple, dtype: str, seconds: float) -> dict:
         return gemm(1.0, B.T, h.T, beta=1.0, c=yt, trans_a=1, overwrite_c=1).T
 
     np.testing.assert_allclose(scipy_forward(), numpy_forward(), rtol=1e-4 if dtype == "float32" else 1e-10)
-    out = {}
-    for name, fns in (("numpy", {"numpy": numpy_forward}), ("scipy", {"scipy": scipy_forward})):
-        out[name + " alone"] = 1e3 * interleaved_medians(fns, seconds / 3)[name]
-        time.sleep(0.3)
-    pair = interleaved_medians({"numpy": numpy_forward, "scipy": scipy_forward}, seconds / 3)
-    out["numpy then scipy, alternating (sum of the two)"] = 1e3 * (pair["numpy"] + pair["scipy"])
+
+    def medians(fns: dict, budget: float) -> dict:
+        times: dict = {k: [] for k in fns}
+        t_end = time.perf_counter() + budget
+        while time.perf_counter() < t_end or min(len(v) for v in times.values()) < 5:
+            for k, fn in fns.items():
+                t = time.perf_counter()
+                fn()
+                times[k].append(time.perf_counter() - t)
+        return {k: 1e3 * statistics.median(v) for k, v in times.items()}
+
+    out = {"numpy alone": medians({"n": numpy_forward}, seconds / 3)["n"]}
+    time.sleep(0.3)
+    out["scipy alone"] = medians({"s": scipy_forward}, seconds / 3)["s"]
+    time.sleep(0.3)
+    pair = medians({"n": numpy_forward, "s": scipy_forward}, seconds / 3)
+    out["numpy then scipy, alternating (sum of the two)"] = pair["n"] + pair["s"]
     return out
 
 
@@ -170,9 +221,9 @@ def main(argv: list[str] | None = None) -> int:
                 time.sleep(0.3)
             if args.scipy_gemm:
                 gemm.append({"shape": list(shape), "dtype": dtype, "ms": scipy_gemm(shape, dtype, args.seconds)})
-                print(f"  forward y = x W^T + h B^T, ({', '.join(map(str, shape))}) {dtype}:")
+                print(f"forward y = x W^T + h B^T, ({', '.join(map(str, shape))}) {dtype}:")
                 for name, ms in gemm[-1]["ms"].items():
-                    print(f"    {name:<48} {ms:9.3f} ms")
+                    print(f"  {name:<48} {ms:9.3f} ms")
     if args.json:
         from minilora._io import atomic_open
 

@@ -90,7 +90,7 @@ def test_gpu_check_correctness_part_passes_on_the_cpu_stand_in() -> None:
     assert "FAIL" not in proc.stdout
 
 
-def test_profile_step_reports_every_version_of_the_step_for_each_case(tmp_path: Path) -> None:
+def test_profile_step_times_every_operation_of_the_step(tmp_path: Path) -> None:
     out = tmp_path / "profile.json"
     proc = run("profile_step.py", "--shapes", "8x16x12x2", "--dtypes", "float32", "--seconds", "0.05",
                "--scipy-gemm", "--json", str(out))
@@ -98,8 +98,25 @@ def test_profile_step_reports_every_version_of_the_step_for_each_case(tmp_path: 
     assert [(p["shape"], p["dtype"], p["loss"]) for p in rec["profiles"]] == [
         ([8, 16, 12, 2], "float32", "mse"), ([8, 16, 12, 2], "float32", "l1")]
     for p in rec["profiles"]:
-        assert list(p["ms"]) == ["floor", "+ forward add", "+ loss", "+ Adam", "minilora step"]
-        assert all(v > 0 for v in p["ms"].values())
+        names = [o["name"] for o in p["ops"]]
+        # the six products of bench_step's floor, each timed where it runs in the step
+        assert [n for n, o in zip(names, p["ops"]) if o["kind"] == "floor"] == [
+            "x A^T", "x W^T", "h B^T", "G B", "(G B)^T x", "G^T h"]
+        assert "Adam on A and B" in names and ("sign(d)" in names) == (p["loss"] == "l1")
+        assert all(o["ms"] > 0 for o in p["ops"]) and p["step_ms"] > 0 and p["floor_ms"] > 0
     assert set(rec["scipy_gemm"][0]["ms"]) == {
         "numpy alone", "scipy alone", "numpy then scipy, alternating (sum of the two)"}
-    assert "ratio to floor" in proc.stdout
+    assert "autograd, checks, Python (the rest)" in proc.stdout
+
+
+def test_profile_step_refuses_to_profile_arithmetic_that_is_not_minilora_s(monkeypatch: pytest.MonkeyPatch) -> None:
+    # the instrumented copy of the step must track minilora/ops.py: a drift is an error, not a
+    # profile of something else
+    monkeypatch.syspath_prepend(str(BENCH))
+    import profile_step
+
+    c = profile_step.make_case(8, 16, 12, 2, "float64")
+    profile_step.check_same_arithmetic(c, "l1")  # passes as written
+    monkeypatch.setattr(profile_step.ml, "adam_step", lambda p, g, st, lr: ({k: v + 1 for k, v in p.items()}, st))
+    with pytest.raises(SystemExit, match="differs from minilora's step"):
+        profile_step.check_same_arithmetic(c, "l1")
