@@ -42,6 +42,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_step import floor_step, make_case, minilora_step  # noqa: E402
 
 import minilora as ml  # noqa: E402
+from minilora import ops  # noqa: E402
 from minilora.optim import adam_apply, adam_options  # noqa: E402
 
 SHAPES = [(256, 1024, 1024, 8), (2048, 1024, 1024, 8)]
@@ -65,8 +66,9 @@ class Clock:
 
 def instrumented_step(c: dict, loss: str, clock: Clock) -> tuple[Any, dict]:
     """minilora's NumPy step, operation by operation, as ``ops.lora_linear`` (forward and VJP for
-    A and B, no bias, no mask), ``ops.mse_loss_op``/``l1_loss_op`` (mean; forward and VJP,
-    gradient written over d as ``_mse_grad`` does) and ``optim.adam_apply`` compute it."""
+    A and B, no bias, no mask), ``ops.mse_loss_op``/``l1_loss_op`` (mean; forward, L1's in blocks
+    for large arrays, and VJP, the gradient written over the kept d or sign(d)) and
+    ``optim.adam_apply`` compute it."""
     W, x, t, s = c["W"], c["x"], c["y"], c["scale"]
     box = {"lora": {"A": c["A"].copy(), "B": c["B"].copy()}}
     box["state"], opts = ml.adam_init(box["lora"]), adam_options(lr=1e-4)
@@ -80,14 +82,20 @@ def instrumented_step(c: dict, loss: str, clock: Clock) -> tuple[Any, dict]:
         y = clock("x W^T", "floor", lambda: x @ W.T)
         z = clock("h B^T", "floor", lambda: h @ B.T)
         y = clock("y + h B^T (in place)", "extra", lambda: np.add(y, z, out=y))
-        d = clock("d = y - t", "extra", lambda: y - t)
-        if loss == "mse":
-            clock("loss: vdot(d, d) / N", "extra", lambda: np.vdot(d, d) / N)
-            G = clock("G = d * (2/N) (in place)", "extra", lambda: np.multiply(d, (2.0 / N) * one, out=d))
+        grad_name = "G = d * (2/N) (in place)" if loss == "mse" else "G = sign(d) * (1/N) (in place)"
+        c_ = (2.0 / N) * one if loss == "mse" else one / N
+        if loss == "l1" and ops._blockable(y, t):  # large arrays: L1's forward runs block by block
+            kept, _ = clock("blocks: d = y - t, sign(d), sign . d", "extra",
+                            lambda: ops._blocked_l1(y, t))
         else:
-            sg = clock("sign(d)", "extra", lambda: np.sign(d))
-            clock("loss: vdot(sign(d), d) / N", "extra", lambda: np.vdot(sg, d) / N)
-            G = clock("G = sign(d) * (1/N) (in place)", "extra", lambda: np.multiply(sg, one / N, out=sg))
+            d = clock("d = y - t", "extra", lambda: y - t)
+            if loss == "mse":
+                kept = d
+                clock("loss: vdot(d, d) / N", "extra", lambda: np.vdot(d, d) / N)
+            else:
+                kept = clock("sign(d)", "extra", lambda: np.sign(d))
+                clock("loss: vdot(sign(d), d) / N", "extra", lambda: np.vdot(kept, d) / N)
+        G = clock(grad_name, "extra", lambda: np.multiply(kept, c_, out=kept))
         gB = clock("G B", "floor", lambda: G @ B)
         gB = clock("(G B) * s", "extra", lambda: gB * s)
         dA = clock("(G B)^T x", "floor", lambda: gB.T @ x)

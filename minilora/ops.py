@@ -155,13 +155,16 @@ def lora_delta(A: Any, B: Any, *, scale: float = 1.0, fan_in_fan_out: bool = Fal
 def l1_loss_op(pred: Any, target: Any, *, mean: bool = True) -> Any:
     """sum |pred - target| (divided by its element count when ``mean``); a 0-d array."""
     xp = namespace_of(pred, target)
-    d = pred - target
-    s = xp.sign(d)
+    if _blockable(pred, target):
+        s, total = _blocked_l1(pred, target)
+    else:
+        d = pred - target
+        s = xp.sign(d)
+        # On NumPy, sum |d| = sign(d) . d: one BLAS pass over arrays the gradient needs anyway,
+        # instead of an |d| temporary and a reduction (the same exact products, in BLAS's order)
+        total = np.vdot(s, d) if xp is np else xp.sum(xp.abs(d))
     _remember("d", pred, s)  # the gradient is sign(d) * c
-    # On NumPy, sum |d| = sign(d) . d: one BLAS pass over arrays the gradient needs anyway,
-    # instead of an |d| temporary and a reduction (the same exact products, summed in BLAS's order)
-    total = np.vdot(s, d) if xp is np else xp.sum(xp.abs(d))
-    return total / _count(d) if mean else total
+    return total / _count(s) if mean else total
 
 
 @primitive
@@ -172,6 +175,34 @@ def mse_loss_op(pred: Any, target: Any, *, mean: bool = True) -> Any:
     _remember("d", pred, d)
     total = np.vdot(d, d) if xp is np else xp.sum(d * d)  # vdot: one BLAS pass, no d*d temporary
     return total / _count(d) if mean else total
+
+
+# Above this size L1's forward runs in blocks of _BLOCK_BYTES: each block of d = pred - target is
+# formed, signed and reduced while it is in cache, and the whole of d is never held, only sign(d):
+# one (n, d_out) array fewer, which at this size the allocator fetches from the kernel page by
+# page at every step (docs/performance.md). Below it, and for MSE (which keeps d itself as the
+# gradient's buffer), the plain passes measured as fast.
+_BLOCK_FROM = 8 << 20
+_BLOCK_BYTES = 256 << 10
+
+
+def _blockable(pred: Any, target: Any) -> bool:
+    return (type(pred) is np.ndarray and type(target) is np.ndarray and pred.nbytes >= _BLOCK_FROM
+            and pred.shape == target.shape and pred.dtype == target.dtype
+            and pred.flags.c_contiguous and target.flags.c_contiguous)
+
+
+def _blocked_l1(pred: np.ndarray, target: np.ndarray) -> tuple[np.ndarray, Any]:
+    """(sign(d), sum |d|) for d = pred - target, block by block: the same sign(d) as the plain
+    passes; the sum adds the blocks' BLAS dot products sign(d) . d."""
+    s = np.empty_like(pred)
+    p, t, o = pred.reshape(-1), target.reshape(-1), s.reshape(-1)
+    m = max(1, _BLOCK_BYTES // pred.itemsize)
+    parts = np.empty(-(-p.size // m), dtype=pred.dtype)
+    for k, i in enumerate(range(0, p.size, m)):
+        db = p[i:i + m] - t[i:i + m]  # a fresh block: np.sign into another array is the fast path
+        parts[k] = np.vdot(np.sign(db, out=o[i:i + m]), db)
+    return s, np.add.reduce(parts)
 
 
 @primitive

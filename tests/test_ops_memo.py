@@ -85,3 +85,28 @@ def test_the_mse_gradient_keeps_float32() -> None:
     target = np.ones((3, 4), np.float32)
     vjp, _ = make_vjp(lambda p: ops.mse_loss_op(p, target))(pred)
     assert vjp(np.float32(1.0)).dtype == np.float32
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_l1_computed_in_blocks_agrees_with_the_plain_passes(dtype: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Large arrays take the blocked path (ops._BLOCK_FROM); made small here so that several
+    # blocks and a partial last one are exercised on a small array.
+    loss = ops.l1_loss_op
+    rng = np.random.default_rng(4)
+    pred, target = rng.standard_normal((37, 29)).astype(dtype), rng.standard_normal((37, 29)).astype(dtype)
+    pred[3, :5] = target[3, :5]  # d = 0 exactly: sign 0, as torch
+
+    def value_and_grad() -> tuple:
+        vjp, value = make_vjp(lambda p: loss(p, target))(pred)
+        return value, vjp(np.asarray(1.0, dtype))
+
+    plain_value, plain_grad = value_and_grad()
+    monkeypatch.setattr(ops, "_BLOCK_FROM", 0)
+    monkeypatch.setattr(ops, "_BLOCK_BYTES", 100 * np.dtype(dtype).itemsize)  # 100 elements a block
+    assert ops._blockable(pred, target)
+    value, grad = value_and_grad()
+    np.testing.assert_array_equal(grad, plain_grad)  # elementwise: identical
+    assert grad.dtype == np.dtype(dtype) and np.asarray(value).dtype == np.dtype(dtype)
+    # the sum is the same sum in another order: within the error bound of either, n * eps
+    assert abs(float(value) - float(plain_value)) <= pred.size * np.finfo(dtype).eps * abs(float(plain_value))
+    assert not ops._blockable(pred[:, ::2], target[:, ::2])  # strided views take the plain path
