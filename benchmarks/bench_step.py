@@ -156,15 +156,21 @@ def run(shapes: list, repeat: int, torch: Any) -> list[dict]:
             c = make_case(n, d_in, d_out, r, dtype)
             reps = repeat
             for loss in LOSSES:
-                groups = [{"floor": floor_step(c), "minilora": minilora_step(c, loss)}]
+                x, W = c["x"], c["W"]
+                groups = [{"floor": floor_step(c), "minilora": minilora_step(c, loss), "xW": lambda: x @ W.T}]
                 if torch is not None:
-                    groups.append({"torch": torch_step(c, loss, torch)})
+                    tx, tW = torch.from_numpy(x), torch.from_numpy(W)
+                    groups.append({"torch": torch_step(c, loss, torch),
+                                   "torch_xW": lambda: torch.nn.functional.linear(tx, tW)})
                 med = median_times(groups, reps)
                 floor_s, mini_s, torch_s = med["floor"], med["minilora"], med.get("torch")
                 records.append({
                     "name": f"n{n}_in{d_in}_out{d_out}_r{r}_{dtype}_{loss}",
                     "dtype": dtype, "n": n, "d_in": d_in, "d_out": d_out, "r": r, "loss": loss,
                     "minilora_s": mini_s, "torch_s": torch_s, "floor_s": floor_s,
+                    # the frozen product alone, NumPy's BLAS and torch's: how much of the two
+                    # steps' difference is their BLAS libraries rather than their step code
+                    "numpy_xW_s": med["xW"], "torch_xW_s": med.get("torch_xW"),
                 })
                 print_row(records[-1])
     return records
@@ -172,16 +178,18 @@ def run(shapes: list, repeat: int, torch: Any) -> list[dict]:
 
 def print_header() -> None:
     print(f"{'n':>5} {'d_in':>5} {'d_out':>5} {'r':>3} {'dtype':>8} {'loss':>4} "
-          f"{'minilora ms':>12} {'torch ms':>10} {'floor ms':>9} {'mini/floor':>10} {'mini/torch':>10}")
+          f"{'minilora ms':>12} {'torch ms':>10} {'floor ms':>9} {'mini/floor':>10} {'mini/torch':>10} "
+          f"{'xW^T torch/numpy':>16}")
 
 
 def print_row(rec: dict) -> None:
     t = rec["torch_s"]
     torch_ms = "-" if t is None else f"{t * 1e3:.3f}"
     vs_torch = "-" if t is None else f"{rec['minilora_s'] / t:.2f}"
+    blas = "-" if rec.get("torch_xW_s") is None else f"{rec['torch_xW_s'] / rec['numpy_xW_s']:.2f}"
     print(f"{rec['n']:>5} {rec['d_in']:>5} {rec['d_out']:>5} {rec['r']:>3} {rec['dtype']:>8} {rec['loss']:>4} "
           f"{rec['minilora_s'] * 1e3:>12.3f} {torch_ms:>10} {rec['floor_s'] * 1e3:>9.3f} "
-          f"{rec['minilora_s'] / rec['floor_s']:>10.2f} {vs_torch:>10}", flush=True)
+          f"{rec['minilora_s'] / rec['floor_s']:>10.2f} {vs_torch:>10} {blas:>16}", flush=True)
 
 
 def environment(torch: Any) -> dict:

@@ -27,10 +27,12 @@ def test_bench_step_writes_one_record_per_case(tmp_path: Path) -> None:
     records = json.loads(out.read_text())
     assert len(records) == 4  # one shape x (float64, float32) x (mse, l1)
     for rec in records:
-        for key in ("name", "dtype", "n", "d_in", "d_out", "r", "loss", "minilora_s", "torch_s", "floor_s"):
+        for key in ("name", "dtype", "n", "d_in", "d_out", "r", "loss", "minilora_s", "torch_s", "floor_s",
+                    "numpy_xW_s", "torch_xW_s"):
             assert key in rec, key
         assert (rec["n"], rec["d_in"], rec["d_out"], rec["r"]) == (8, 16, 12, 2)
         assert rec["minilora_s"] > 0 and rec["floor_s"] > 0 and rec["torch_s"] > 0
+        assert rec["numpy_xW_s"] > 0 and rec["torch_xW_s"] > 0
     assert {(r["dtype"], r["loss"]) for r in records} == {(d, lo) for d in ("float64", "float32") for lo in ("mse", "l1")}
 
 
