@@ -569,6 +569,14 @@ def test_fit_rejects_a_loss_that_is_not_a_scalar() -> None:
     assert np.array_equal(params["W"], np.ones((2, 3)))  # nothing was updated
 
 
+@pytest.mark.parametrize("make", [ml.grad, ml.value_and_grad], ids=["grad", "value_and_grad"])
+def test_grad_names_an_argnum_out_of_range(make: Callable) -> None:
+    f = make(lambda a, b: (a * b).sum(), argnum=2)
+    expect(lambda: f(np.ones(3), np.ones(3)), ValueError, "argnum 2 is out of range for 2 positional arguments")
+    out = make(lambda a, b: (a * b).sum(), argnum=-1)(np.ones(3), np.full(3, 2.0))  # from the end
+    np.testing.assert_array_equal(out if make is ml.grad else out[1], np.ones(3))  # d/db = a
+
+
 def test_fit_passes_option_errors_through() -> None:
     loss, params, data = _regression(_HostPut())
     expect(lambda: ml.fit(loss, params, data(1), steps=3, lr=-0.1), ValueError, "lr must be >= 0.0")
