@@ -41,10 +41,10 @@ DTYPES = ("float64", "float32")
 LOSSES = ("mse", "l1")
 
 
-# torch's OpenMP threads keep spinning for a while (KMP_BLOCKTIME, 200 ms by default) after
-# each parallel region, taking the cores from whatever runs next. torch therefore runs in blocks
-# of its own, separated from the others by a pause longer than that, and the block cycle
-# repeats so that slow drifts of the machine's load hit every contender alike. The floor and
+# Worker threads (torch's OpenMP threads, OpenBLAS's) keep spinning for a while after each
+# parallel region, taking the cores from whatever the other library runs next. torch therefore
+# runs in blocks of its own, separated from the others by a pause longer than that spin, and the
+# block cycle repeats so that slow drifts of the machine's load hit every contender alike. The floor and
 # minilora, both NumPy, share their blocks in short runs (RUN calls of one after an untimed call
 # that leaves the caches as a training loop would, then RUN of the other, ...), so the ratio
 # minilora/floor compares calls made moments apart. torch keeps its default settings.
