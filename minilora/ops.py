@@ -431,16 +431,6 @@ def _loss_jvp(dot_of_d: Any) -> Any:
     return jvp
 
 
-defvjp_argnums(linear, _linear_vjp)
-defjvp_argnums(linear, _linear_jvp)
-defvjp_argnums(lora_linear, _lora_linear_vjp)
-defjvp_argnums(lora_linear, _lora_linear_jvp)
-defvjp_argnums(lora_linear_tree, _lora_tree_vjp)
-defjvp_argnums(lora_linear_tree, _lora_tree_jvp)
-defvjp_argnums(lora_delta, _delta_vjp)
-defjvp_argnums(lora_delta, _delta_jvp)
-defvjp(tanh, lambda ans, x: lambda g: g * (1.0 - ans * ans))
-defjvp(tanh, lambda g, ans, x: g * (1.0 - ans * ans))
 def _l1_grad(s: Any, g: Any, n: int, xp: Any, own: bool) -> Any:
     """sign(d) * (g / N), given s = sign(d) (kept by the forward; written over when ``own``)."""
     c = g / n
@@ -453,6 +443,16 @@ def _mse_grad(d: Any, g: Any, n: int, xp: Any, own: bool) -> Any:
     return np.multiply(d, c, out=d) if own and type(d) is np.ndarray and np.ndim(c) == 0 else d * c
 
 
+defvjp_argnums(linear, _linear_vjp)
+defjvp_argnums(linear, _linear_jvp)
+defvjp_argnums(lora_linear, _lora_linear_vjp)
+defjvp_argnums(lora_linear, _lora_linear_jvp)
+defvjp_argnums(lora_linear_tree, _lora_tree_vjp)
+defjvp_argnums(lora_linear_tree, _lora_tree_jvp)
+defvjp_argnums(lora_delta, _delta_vjp)
+defjvp_argnums(lora_delta, _delta_jvp)
+defvjp(tanh, lambda ans, x: lambda g: g * (1.0 - ans * ans))
+defjvp(tanh, lambda g, ans, x: g * (1.0 - ans * ans))
 defvjp_argnums(l1_loss_op, _loss_vjp(_l1_grad, kept=lambda d, xp: xp.sign(d)))
 defjvp_argnums(l1_loss_op, _loss_jvp(lambda d, t, xp: xp.sum(xp.sign(d) * t)))
 defvjp_argnums(mse_loss_op, _loss_vjp(_mse_grad))
