@@ -178,7 +178,10 @@ def adam_apply(params: Any, grads: Any, state: dict, opts: AdamOptions) -> tuple
         if v_max is not None:
             v_max = xp.maximum(v_max, v)
         denom = _add_(_div_(xp.sqrt(v if v_max is None else v_max), bc2_sqrt), eps)
-        return (_add_(_div_(m * (-step_size), denom), p), m, v, v_max)
+        out = (_add_(_div_(m * (-step_size), denom), p), m, v, v_max)
+        if type(p) is np.ndarray and p.ndim == 0:  # NumPy turns 0-d results into scalars: keep arrays
+            out = tuple(None if a is None else np.asarray(a) for a in out)
+        return out
 
     p_leaves, rebuild = _flatten(params)
     ms, vs = _flatten(state["m"])[0], _flatten(state["v"])[0]

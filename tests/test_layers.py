@@ -438,6 +438,21 @@ def test_fit_resume_equals_uninterrupted(backend: Any, split: int) -> None:
         np.testing.assert_array_equal(backend.get(state_b["v"][k]), backend.get(state_full["v"][k]))
 
 
+@pytest.mark.parametrize("amsgrad", [False, True])
+def test_adam_keeps_zero_d_parameters_arrays(amsgrad: bool) -> None:
+    # NumPy hands back a scalar for arithmetic on 0-d arrays; a parameter, its moments and its
+    # update must stay arrays (writable, and the same type as they went in) step after step
+    params = {"s": np.asarray(1.5), "w": np.ones(3)}
+    state = ml.adam_init(params, amsgrad=amsgrad)
+    for _ in range(2):
+        params, state = ml.adam_step(params, {"s": np.asarray(0.3), "w": np.ones(3)}, state, lr=0.1,
+                                     amsgrad=amsgrad)
+    keys = ("m", "v", "v_max") if amsgrad else ("m", "v")
+    for a in [params["s"], *(state[k]["s"] for k in keys)]:
+        assert type(a) is np.ndarray and a.shape == ()
+    assert float(params["s"]) < 1.5  # it moved against the positive gradient
+
+
 def test_fit_zero_steps(backend: Any) -> None:
     loss, params, args, _ = regression(backend)
     out, losses, state = ml.fit(loss, params, args, steps=0, lr=0.1, return_state=True)
