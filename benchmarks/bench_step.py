@@ -210,6 +210,19 @@ def environment(torch: Any) -> dict:
     return env
 
 
+def parse_shapes(p: argparse.ArgumentParser, values: list[str]) -> list[tuple[int, ...]]:
+    """--shapes NxDINxDOUTxR ... as tuples of four positive integers, or the parser's error."""
+    try:
+        shapes = [tuple(int(v) for v in s.split("x")) for s in values]
+        if all(len(s) == 4 and min(s) > 0 for s in shapes):
+            return shapes
+    except ValueError:
+        pass
+    p.error(f"--shapes takes N x D_IN x D_OUT x R with positive integers, e.g. 256x1024x1024x8; "
+            f"got {' '.join(values)}")
+    raise AssertionError("unreachable: p.error exits")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="two shapes, shorter blocks (under a minute)")
@@ -235,12 +248,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     shapes = QUICK_SHAPES if args.quick else SHAPES
     if args.shapes:
-        try:
-            shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes]
-            assert all(len(s) == 4 and min(s) > 0 for s in shapes)
-        except (ValueError, AssertionError):
-            p.error(f"--shapes takes N x D_IN x D_OUT x R with positive integers, e.g. 256x1024x1024x8; "
-                    f"got {' '.join(args.shapes)}")
+        shapes = parse_shapes(p, args.shapes)
     global CYCLES, BLOCK_S
     if args.quick:
         CYCLES, BLOCK_S = 2, 0.2

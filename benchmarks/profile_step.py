@@ -39,7 +39,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_step import floor_step, make_case, minilora_step  # noqa: E402
+from bench_step import floor_step, make_case, minilora_step, parse_shapes  # noqa: E402
 
 import minilora as ml  # noqa: E402
 from minilora import ops  # noqa: E402
@@ -212,12 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     shapes = SHAPES
     if args.shapes:
-        try:
-            shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes]
-            assert all(len(s) == 4 and min(s) > 0 for s in shapes)
-        except (ValueError, AssertionError):
-            p.error(f"--shapes takes N x D_IN x D_OUT x R with positive integers, e.g. 256x1024x1024x8; "
-                    f"got {' '.join(args.shapes)}")
+        shapes = parse_shapes(p, args.shapes)
     if not args.seconds > 0:
         p.error(f"--seconds must be > 0; got {args.seconds}")
     records, gemm = [], []

@@ -36,9 +36,11 @@ def test_bench_step_writes_one_record_per_case(tmp_path: Path) -> None:
     assert {(r["dtype"], r["loss"]) for r in records} == {(d, lo) for d in ("float64", "float32") for lo in ("mse", "l1")}
 
 
-def test_bench_step_rejects_bad_shapes() -> None:
-    proc = run("bench_step.py", "--shapes", "8x16x12", check=False)
-    assert proc.returncode != 0 and "--shapes" in proc.stderr
+@pytest.mark.parametrize("script", ["bench_step.py", "profile_step.py"])
+@pytest.mark.parametrize("shape", ["8x16x12", "8x0x12x2", "8x16xtwelvex2"])
+def test_step_benchmarks_reject_bad_shapes(script: str, shape: str) -> None:
+    proc = run(script, "--shapes", shape, check=False)
+    assert proc.returncode == 2 and "--shapes takes N x D_IN x D_OUT x R" in proc.stderr and shape in proc.stderr
 
 
 def test_bench_memory_finds_no_weight_sized_temporary_in_a_lora_step(tmp_path: Path) -> None:
