@@ -23,6 +23,7 @@ from minilora.nf4 import (
     qlora_dense,
     qlora_quantize,
 )
+from minilora._io import pyplot, save_png  # matplotlib on Agg; atomic PNG writes
 
 D_IN, HIDDEN, D_OUT, RANK = 64, 128, 8, 4
 
@@ -69,10 +70,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.plot:
         try:
-            import matplotlib
-
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
+            plt = pyplot()
         except ImportError:
             print("--plot needs matplotlib: pip install 'minilora[plot]'", file=sys.stderr)
             return 1
@@ -84,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         ax.set_title("rank-4 LoRA on an NF4 vs a float64 MLP")
         ax.legend()
         fig.tight_layout()
-        fig.savefig(args.plot)
+        save_png(fig, args.plot)
         print(f"plot: {args.plot}")
     return 0
 

@@ -17,6 +17,7 @@ import sys
 import numpy as np
 
 from minilora.sweep import sweep
+from minilora._io import pyplot, save_png  # matplotlib on Agg; atomic PNG writes
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,10 +44,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.plot:
         try:
-            import matplotlib
-
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
+            plt = pyplot()
         except ImportError:
             print("--plot needs matplotlib: pip install 'minilora[plot]'", file=sys.stderr)
             return 1
@@ -60,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         ax.set_title(f"target update of rank {k}")
         ax.legend()
         fig.tight_layout()
-        fig.savefig(args.plot)
+        save_png(fig, args.plot)
         print(f"plot: {args.plot}")
     return 0
 

@@ -15,6 +15,7 @@ import numpy as np
 
 import minilora as ml
 from minilora.demo import seed_problem
+from minilora._io import pyplot, save_png  # matplotlib on Agg; atomic PNG writes
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -62,10 +63,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.plot:
         try:
-            import matplotlib
-
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
+            plt = pyplot()
         except ImportError:
             print("--plot needs matplotlib: pip install 'minilora[plot]'", file=sys.stderr)
             return 1
@@ -75,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         ax.set_ylabel("mean L1 loss")
         ax.set_title(f"seed experiment, rank {args.rank}: final loss {losses[-1]:.3g}")
         fig.tight_layout()
-        fig.savefig(args.plot)
+        save_png(fig, args.plot)
         print(f"   loss curve: {args.plot}")
     return 0
 
