@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
           f"heavy modules imported: {', '.join(rec['heavy_modules_imported']) or 'none'}")
     if args.json:
         sys.path.insert(0, ROOT)
-        from minilora._io import atomic_open
+        from minilora.formats.fileio import atomic_open
 
         with atomic_open(args.json, "w") as fh:
             json.dump(rec, fh, indent=1)

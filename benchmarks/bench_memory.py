@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
               f"weight-sized temporary in the LoRA step: "
               f"{'YES' if rec['lora_step_allocates_weight_sized_temporary'] else 'no'}")
     if args.json:
-        from minilora._io import atomic_open
+        from minilora.formats.fileio import atomic_open
 
         env = {"python": platform.python_version(), "numpy": np.__version__, "platform": platform.platform()}
         with atomic_open(args.json, "w") as fh:

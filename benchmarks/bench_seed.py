@@ -22,8 +22,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import minilora as ml  # noqa: E402
-from minilora._io import atomic_open  # noqa: E402
-from minilora.demo import seed_experiment, seed_problem  # noqa: E402
+from minilora.formats.fileio import atomic_open  # noqa: E402
+from minilora.study.seed import seed_experiment, seed_problem  # noqa: E402
 
 
 def run_minilora(steps: int, dtype: str) -> tuple[float, list[float]]:

@@ -33,7 +33,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import minilora as ml  # noqa: E402
-from minilora._io import atomic_open, pyplot, save_png  # noqa: E402
+from minilora.formats.fileio import atomic_open  # noqa: E402
+from minilora.study.plots import pyplot, save_png  # noqa: E402
 
 SHAPES = [(32, 100, 100, 4), (256, 1024, 1024, 8), (2048, 1024, 1024, 8), (512, 4096, 4096, 16)]
 QUICK_SHAPES = [(32, 100, 100, 4), (256, 1024, 1024, 8)]
@@ -157,11 +158,11 @@ def run(shapes: list, repeat: int, torch: Any) -> list[dict]:
             reps = repeat
             for loss in LOSSES:
                 x, W = c["x"], c["W"]
-                groups = [{"floor": floor_step(c), "minilora": minilora_step(c, loss), "xW": lambda: x @ W.T}]
+                groups = [{"floor": floor_step(c), "minilora": minilora_step(c, loss), "xW": lambda x=x, W=W: x @ W.T}]
                 if torch is not None:
                     tx, tW = torch.from_numpy(x), torch.from_numpy(W)
                     groups.append({"torch": torch_step(c, loss, torch),
-                                   "torch_xW": lambda: torch.nn.functional.linear(tx, tW)})
+                                   "torch_xW": lambda tx=tx, tW=tW: torch.nn.functional.linear(tx, tW)})
                 med = median_times(groups, reps)
                 floor_s, mini_s, torch_s = med["floor"], med["minilora"], med.get("torch")
                 records.append({

@@ -144,7 +144,7 @@ def speed(cupy: Any, repeat: int) -> list[dict]:
             box = {"lora": {"A": c["A"], "B": c["B"]}}
             box["state"] = ml.adam_init(box["lora"])
 
-            def mini_step() -> None:
+            def mini_step(vg: Any = vg, box: dict = box, c: dict = c) -> None:  # bound: timed in this iteration
                 _, g = vg(box["lora"], {"W": c["W"]}, c["x"], c["y"])
                 box["lora"], box["state"] = ml.adam_step(box["lora"], g, box["state"], lr=1e-4)
 
@@ -155,7 +155,7 @@ def speed(cupy: Any, repeat: int) -> list[dict]:
         opt = torch.optim.Adam([A, B], lr=1e-4)
         F = torch.nn.functional
 
-        def torch_step() -> None:
+        def torch_step(opt: Any = opt, F: Any = F, t: dict = t, A: Any = A, B: Any = B) -> None:
             opt.zero_grad()
             out = F.linear(t["x"], t["W"]) + F.linear(F.linear(t["x"], A), B) * 2.0
             F.mse_loss(out, t["y"]).backward()

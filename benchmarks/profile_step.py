@@ -42,7 +42,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_step import floor_step, make_case, minilora_step, parse_shapes  # noqa: E402
 
 import minilora as ml  # noqa: E402
-from minilora import ops  # noqa: E402
+from minilora import losses  # noqa: E402
 from minilora.optim import adam_apply, adam_options  # noqa: E402
 
 SHAPES = [(256, 1024, 1024, 8), (2048, 1024, 1024, 8)]
@@ -66,7 +66,7 @@ class Clock:
 
 def instrumented_step(c: dict, loss: str, clock: Clock) -> tuple[Any, dict]:
     """minilora's NumPy step, operation by operation, as ``ops.lora_linear`` (forward and VJP for
-    A and B, no bias, no mask), ``ops.mse_loss_op``/``l1_loss_op`` (mean; forward, L1's in blocks
+    A and B, no bias, no mask), ``losses.mse_loss_op``/``l1_loss_op`` (mean; forward, L1's in blocks
     for large arrays, and VJP, the gradient written over the kept d or sign(d)) and
     ``optim.adam_apply`` compute it."""
     W, x, t, s = c["W"], c["x"], c["y"], c["scale"]
@@ -84,9 +84,9 @@ def instrumented_step(c: dict, loss: str, clock: Clock) -> tuple[Any, dict]:
         y = clock("y + h B^T (in place)", "extra", lambda: np.add(y, z, out=y))
         grad_name = "G = d * (2/N) (in place)" if loss == "mse" else "G = sign(d) * (1/N) (in place)"
         c_ = (2.0 / N) * one if loss == "mse" else one / N
-        if loss == "l1" and ops._blockable(y, t):  # large arrays: L1's forward runs block by block
+        if loss == "l1" and losses._blockable(y, t):  # large arrays: L1's forward runs block by block
             kept, _ = clock("blocks: d = y - t, sign(d), sign . d", "extra",
-                            lambda: ops._blocked_l1(y, t))
+                            lambda: losses._blocked_l1(y, t))
         else:
             d = clock("d = y - t", "extra", lambda: y - t)
             if loss == "mse":
@@ -228,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
                 for name, ms in gemm[-1]["ms"].items():
                     print(f"  {name:<48} {ms:9.3f} ms")
     if args.json:
-        from minilora._io import atomic_open
+        from minilora.formats.fileio import atomic_open
 
         with atomic_open(args.json, "w") as fh:
             json.dump({"profiles": records, "scipy_gemm": gemm}, fh, indent=1)

@@ -16,14 +16,9 @@ import autograd.numpy as anp
 import numpy as np
 
 import minilora as ml
-from minilora.nf4 import (
-    nf4_bits_per_param,
-    nf4_dequantize,
-    nf4_nbytes,
-    qlora_dense,
-    qlora_quantize,
-)
-from minilora._io import pyplot, save_png  # matplotlib on Agg; atomic PNG writes
+from minilora.study.nf4 import nf4_bits_per_param, nf4_dequantize, nf4_nbytes
+from minilora.study.plots import pyplot, save_png  # matplotlib on Agg; atomic PNG writes
+from minilora.study.qlora import qlora_dense, qlora_quantize
 
 D_IN, HIDDEN, D_OUT, RANK = 64, 128, 8, 4
 

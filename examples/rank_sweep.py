@@ -16,8 +16,8 @@ import sys
 
 import numpy as np
 
-from minilora.sweep import sweep
-from minilora._io import pyplot, save_png  # matplotlib on Agg; atomic PNG writes
+from minilora.study.plots import pyplot, save_png  # matplotlib on Agg; atomic PNG writes
+from minilora.study.sweep import sweep
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,7 +3,7 @@
     python examples/seed_step_by_step.py [--steps 1000] [--plot seed.png]
 
 A frozen W = I(100), a target whose column i is scaled by i, 32 inputs x ~ U(0, 1), rank-4 LoRA,
-mean L1 loss, Adam lr 1e-2 (the blog post this project started from; see ``minilora.demo``).
+mean L1 loss, Adam lr 1e-2 (the blog post this project started from; see ``minilora.study.seed``).
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import sys
 import numpy as np
 
 import minilora as ml
-from minilora.demo import seed_problem
-from minilora._io import pyplot, save_png  # matplotlib on Agg; atomic PNG writes
+from minilora.study.plots import pyplot, save_png  # matplotlib on Agg; atomic PNG writes
+from minilora.study.seed import seed_problem
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,7 +15,7 @@ import argparse
 import numpy as np
 
 import minilora as ml
-from minilora import models as M
+from minilora.peft import models as M
 
 
 def main() -> None:

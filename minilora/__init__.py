@@ -7,8 +7,8 @@ Parameters are plain dicts of arrays; freezing is choosing which argument to dif
 
 from __future__ import annotations
 
-from .backend import Backend, get_backend, set_backend, to_backend, to_numpy, use_backend
-from .errors import (
+from minilora.backend import Backend, get_backend, set_backend, to_backend, to_numpy, use_backend
+from minilora.errors import (
     BackendUnavailableError,
     MiniLoraError,
     MiniLoraTypeError,
@@ -16,7 +16,7 @@ from .errors import (
     NonFiniteError,
     ShapeError,
 )
-from .layers import (
+from minilora.layers import (
     delta_weight,
     dense,
     dense_init,
@@ -27,16 +27,41 @@ from .layers import (
     merge,
     unmerge,
 )
-from .losses import l1_loss, mse_loss
-from .optim import adam_init, adam_step
-from .train import count_params, fit, grad, value_and_grad
-
-# study tools (scipy, matplotlib and dask are imported inside the functions that need them)
-from .nf4 import nf4_code, nf4_dequantize, nf4_quantize, qlora_dense, qlora_quantize
-from .param_calc import lora_param_count, memory_estimate, transformer_param_count
-from .subspace import subspace_similarity, subspace_similarity_grid
+from minilora.losses import l1_loss, mse_loss
+from minilora.optim import adam_init, adam_step
+from minilora.train import count_params, fit, grad, value_and_grad
 
 __version__ = "0.1.0"
+
+# The study tools live in minilora.study and are not imported by `import minilora` (which loads the
+# core only). Their names stay reachable here, as before, and are imported on first use.
+_STUDY_NAMES = {
+    "nf4_code": "minilora.study.nf4",
+    "nf4_quantize": "minilora.study.nf4",
+    "nf4_dequantize": "minilora.study.nf4",
+    "qlora_quantize": "minilora.study.qlora",
+    "qlora_dense": "minilora.study.qlora",
+    "subspace_similarity": "minilora.study.subspace",
+    "subspace_similarity_grid": "minilora.study.subspace",
+    "lora_param_count": "minilora.study.param_calc",
+    "transformer_param_count": "minilora.study.param_calc",
+    "memory_estimate": "minilora.study.param_calc",
+}
+
+
+def __getattr__(name: str) -> object:
+    module = _STUDY_NAMES.get(name)
+    if module is None:
+        raise AttributeError(f"module 'minilora' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_STUDY_NAMES))
 
 __all__ = [
     "__version__",

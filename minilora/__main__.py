@@ -1,6 +1,6 @@
 """``python -m minilora``: the same as the ``minilora`` command."""
 
-from .cli import main
+from minilora.cli import main
 
 if __name__ == "__main__":  # guarded: process pools (minilora sweep) may import this module
     raise SystemExit(main())

@@ -13,8 +13,8 @@ import numpy as np
 from autograd.numpy.numpy_boxes import ArrayBox
 from autograd.tracer import getval
 
-from .backend import namespace_of
-from .errors import MiniLoraTypeError, MiniLoraValueError, ShapeError
+from minilora.backend import namespace_of
+from minilora.errors import MiniLoraTypeError, MiniLoraValueError, ShapeError
 
 
 def check_rank(rank: Any, name: str = "rank") -> int:

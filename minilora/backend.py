@@ -25,7 +25,8 @@ import numpy as np
 from autograd.extend import Box, VSpace
 from autograd.tracer import getval
 
-from .errors import BackendUnavailableError, MiniLoraTypeError, MiniLoraValueError
+from minilora._tree import tree_map
+from minilora.errors import BackendUnavailableError, MiniLoraTypeError, MiniLoraValueError
 
 __all__ = [
     "Backend",
@@ -185,15 +186,6 @@ def to_numpy(tree: Any) -> Any:
 def _cpu_device(xp: Any) -> Any:
     info = getattr(xp, "__array_namespace_info__", None)
     return info().default_device() if info else None
-
-
-def tree_map(f: Any, tree: Any, *rest: Any) -> Any:
-    """Apply ``f`` to the leaves of nested dicts/lists/tuples (all trees the same structure)."""
-    if isinstance(tree, dict):
-        return {k: tree_map(f, v, *(r[k] for r in rest)) for k, v in tree.items()}
-    if isinstance(tree, list | tuple):
-        return type(tree)(tree_map(f, v, *(r[i] for r in rest)) for i, v in enumerate(tree))
-    return f(tree, *rest)
 
 
 # ---------------------------------------------------------------- namespace lookup

@@ -17,8 +17,8 @@ from typing import Any
 import numpy as np
 from autograd.tracer import Box, getval
 
-from . import ops
-from ._checks import (
+from minilora import ops
+from minilora._checks import (
     check_array,
     check_choice,
     check_dim,
@@ -30,8 +30,8 @@ from ._checks import (
     check_shape,
     get_key,
 )
-from .backend import get_backend, namespace_of
-from .errors import NonFiniteError, ShapeError
+from minilora.backend import get_backend, namespace_of
+from minilora.errors import NonFiniteError, ShapeError
 
 __all__ = [
     "dense_init",
@@ -44,6 +44,9 @@ __all__ = [
     "merge",
     "unmerge",
     "LORA_INITS",
+    "base_operands",
+    "lora_factors",
+    "merge_weight",
 ]
 
 LORA_INITS = ("kaiming", "gaussian", "normal")
@@ -66,7 +69,7 @@ def dense_init(rng: Any, d_in: int, d_out: int, *, bias: bool = True, dtype: Any
     return params
 
 
-def _base(params: Any, x: Any, fan_in_fan_out: bool) -> tuple[Any, Any, int, int]:
+def base_operands(params: Any, x: Any, fan_in_fan_out: bool) -> tuple[Any, Any, int, int]:
     """Validate a dense layer's params against x; return (W, b or None, d_in, d_out)."""
     W = get_key(params, "W", "params")
     b = params["b"] if getval(params).get("b") is not None else None
@@ -87,7 +90,7 @@ def dense(params: dict, x: Any, *, fan_in_fan_out: bool = False) -> Any:
     params {"W": (d_out, d_in) [fan_in_fan_out: (d_in, d_out)], "b": (d_out,) optional},
     x (..., d_in) -> y (..., d_out).
     """
-    W, b, _, _ = _base(params, x, fan_in_fan_out)
+    W, b, _, _ = base_operands(params, x, fan_in_fan_out)
     check_floats(x=x, W=W, b=b)
     return ops.linear(x, W, b, fan_in_fan_out=fan_in_fan_out)
 
@@ -126,7 +129,7 @@ def lora_scale(alpha: float, rank: int, *, rslora: bool = False) -> float:
     return alpha / math.sqrt(rank) if rslora else alpha / rank
 
 
-def _lora_factors(lora: Any, d_in: int, d_out: int) -> tuple[Any, Any]:
+def lora_factors(lora: Any, d_in: int, d_out: int) -> tuple[Any, Any]:
     A, B = get_key(lora, "A", "lora"), get_key(lora, "B", "lora")
     check_ndim(A, 'lora["A"]', 2, "(r, d_in)")
     r = getval(A).shape[0]
@@ -151,8 +154,8 @@ def lora_dense(
     lora {"A": (r, d_in), "B": (d_out, r)}, x (..., d_in), dropout_mask x-shaped or None
     (from ``dropout_mask``: entries 0 or 1/(1-p)) -> y (..., d_out).
     """
-    W, b, d_in, d_out = _base(params, x, fan_in_fan_out)
-    A, B = _lora_factors(getval(lora), d_in, d_out)  # values only: no graph nodes for checking
+    W, b, d_in, d_out = base_operands(params, x, fan_in_fan_out)
+    A, B = lora_factors(getval(lora), d_in, d_out)  # values only: no graph nodes for checking
     scale = check_real(scale, "scale")
     if dropout_mask is not None:
         check_shape(dropout_mask, "dropout_mask", tuple(getval(x).shape), "x.shape")
@@ -193,15 +196,39 @@ def delta_weight(lora: dict, *, scale: float = 1.0, fan_in_fan_out: bool = False
     return ops.lora_delta(A, B, scale=scale, fan_in_fan_out=fan_in_fan_out)
 
 
+def merge_weight(W: Any, A: Any, B: Any, *, scale: Any = 1.0, fan_in_fan_out: bool = False,
+                 unmerge: bool = False, magnitude: Any = None, round_delta: Any = None) -> Any:
+    """The merge arithmetic, in one place: W' = W + s B A (``unmerge``: W - s B A), and with a DoRA
+    magnitude m, W' = m / ||W + s B A||_row * (W + s B A) (PEFT ``Linear.merge``,
+    ``DoraLinearVariant.merge_safe``). No checks: callers check shapes and dtypes first.
+
+    W (d_out, d_in), or (d_in, d_out) when ``fan_in_fan_out`` (also an embedding's (num, dim));
+    A (r, d_in), B (d_out, r), magnitude (d_out,) -> W's shape. ``round_delta`` (optional) is
+    applied to s B A before the sum (PEFT rounds the delta to a half-precision base dtype first
+    for embeddings and for unmerge). Differentiable in W, A and B (``ops.lora_delta``)."""
+    delta = ops.lora_delta(A, B, scale=scale, fan_in_fan_out=fan_in_fan_out)
+    if round_delta is not None:
+        delta = round_delta(delta)
+    if unmerge:
+        return W - delta
+    total = W + delta
+    if magnitude is None:
+        return total
+    xp = namespace_of(getval(total))
+    rows = total.T if fan_in_fan_out else total  # (d_out, d_in)
+    factor = magnitude / xp.sqrt(xp.sum(rows * rows, axis=1))
+    return total * (factor[None, :] if fan_in_fan_out else factor[:, None])
+
+
 def _merged(params: dict, lora: dict, scale: float, fan_in_fan_out: bool, sign: float) -> dict:
     W = get_key(params, "W", "params")
     check_ndim(W, 'params["W"]', 2, "(d_in, d_out)" if fan_in_fan_out else "(d_out, d_in)")
     shape = tuple(getval(W).shape)
     d_in, d_out = shape if fan_in_fan_out else shape[::-1]
-    A, B = _lora_factors(lora, d_in, d_out)
+    A, B = lora_factors(lora, d_in, d_out)
     check_floats(W=W, A=A, B=B)
-    delta = delta_weight(lora, scale=scale, fan_in_fan_out=fan_in_fan_out)
-    new_W = W + delta if sign > 0 else W - delta
+    scale = check_real(scale, "scale")
+    new_W = merge_weight(W, A, B, scale=scale, fan_in_fan_out=fan_in_fan_out, unmerge=sign < 0)
     value = getval(new_W)
     xp = namespace_of(value)
     finite = xp.isfinite(value)

@@ -22,46 +22,13 @@ from typing import Any, NamedTuple
 import numpy as np
 from autograd.tracer import getval
 
-from ._checks import check_real
-from .backend import namespace_of, tree_map
-from .ops import _add_, _div_, _mul_
-from .errors import MiniLoraTypeError, MiniLoraValueError
+from minilora._checks import check_real
+from minilora._tree import check_same_structure, labelled_leaves, tree_flatten, tree_map
+from minilora.backend import namespace_of
+from minilora.errors import MiniLoraTypeError, MiniLoraValueError
+from minilora.ops import add_into, div_into, mul_into
 
 __all__ = ["adam_init", "adam_step"]
-
-
-def _leaves(tree: Any, path: str = "") -> list[tuple[str, Any]]:
-    if isinstance(tree, dict):
-        return [leaf for k, v in tree.items() for leaf in _leaves(v, f"{path}[{k!r}]")]
-    if isinstance(tree, list | tuple):
-        return [leaf for i, v in enumerate(tree) for leaf in _leaves(v, f"{path}[{i}]")]
-    return [(path, tree)]
-
-
-def _same_flat_dicts(params: Any, other: Any) -> bool:
-    """True when both are flat dicts of NumPy arrays with the same keys in the same order and
-    the same shapes: the usual adapter, checked at every step without walking a tree."""
-    if type(params) is not dict or type(other) is not dict or len(params) != len(other):
-        return False
-    for (k, p), (ko, o) in zip(params.items(), other.items()):
-        if k != ko or type(p) is not np.ndarray or type(o) is not np.ndarray or p.shape != o.shape:
-            return False
-    return True
-
-
-def _check_same_structure(params: Any, other: Any, name: str) -> None:
-    if _same_flat_dicts(params, other):
-        return
-    p_paths = [p for p, _ in _leaves(params)]
-    o_paths = [p for p, _ in _leaves(other)]
-    if p_paths != o_paths:
-        raise MiniLoraValueError(
-            f"{name} must have the same structure as params; params has {p_paths}, {name} has {o_paths}"
-        )
-    for (path, p), (_, o) in zip(_leaves(params), _leaves(other)):
-        ps, os_ = tuple(getattr(p, "shape", ())), tuple(getattr(o, "shape", ()))
-        if ps != os_:
-            raise MiniLoraValueError(f"{name}{path} has shape {os_} but params{path} has shape {ps}")
 
 
 def adam_init(params: Any, *, amsgrad: bool = False) -> dict:
@@ -69,7 +36,7 @@ def adam_init(params: Any, *, amsgrad: bool = False) -> dict:
 
     Returns {"step": 0, "m": zeros like params, "v": zeros like params} (+ "v_max" for amsgrad).
     """
-    for path, leaf in _leaves(params):
+    for path, leaf in labelled_leaves(params):
         if not hasattr(leaf, "shape"):
             raise MiniLoraTypeError(f"params{path} must be an array; got {type(leaf).__name__}")
 
@@ -138,7 +105,7 @@ def adam_step(
                         amsgrad=amsgrad, maximize=maximize)
     check_adam_state(params, state, amsgrad)
     grads = getval(grads)
-    _check_same_structure(params, grads, "grads")
+    check_same_structure(params, grads, "grads")
     return adam_apply(params, grads, state, opts)
 
 
@@ -147,7 +114,7 @@ def check_adam_state(params: Any, state: Any, amsgrad: bool) -> None:
         raise MiniLoraValueError("state must be the dict returned by adam_init (keys 'step', 'm', 'v')")
     if amsgrad and "v_max" not in state:
         raise MiniLoraValueError("amsgrad=True needs a state from adam_init(params, amsgrad=True)")
-    _check_same_structure(params, state["m"], "state['m']")
+    check_same_structure(params, state["m"], "state['m']")
 
 
 def adam_apply(params: Any, grads: Any, state: dict, opts: AdamOptions) -> tuple[Any, dict]:
@@ -171,40 +138,25 @@ def adam_apply(params: Any, grads: Any, state: dict, opts: AdamOptions) -> tuple
             else:
                 g = g + p * wd
         if w < 0.5:
-            m = _add_(_mul_(g - m, w), m)  # m + w (g - m): torch's lerp for weights < 0.5
+            m = add_into(mul_into(g - m, w), m)  # m + w (g - m): torch's lerp for weights < 0.5
         else:
-            m = g - _mul_(g - m, 1 - w)
-        v = _add_(v * b2, _mul_((1 - b2) * g, g))
+            m = g - mul_into(g - m, 1 - w)
+        v = add_into(v * b2, mul_into((1 - b2) * g, g))
         if v_max is not None:
             v_max = xp.maximum(v_max, v)
-        denom = _add_(_div_(xp.sqrt(v if v_max is None else v_max), bc2_sqrt), eps)
-        out = (_add_(_div_(m * (-step_size), denom), p), m, v, v_max)
+        denom = add_into(div_into(xp.sqrt(v if v_max is None else v_max), bc2_sqrt), eps)
+        out: tuple[Any, ...] = (add_into(div_into(m * (-step_size), denom), p), m, v, v_max)
         if type(p) is np.ndarray and p.ndim == 0:  # NumPy turns 0-d results into scalars: keep arrays
             out = tuple(None if a is None else np.asarray(a) for a in out)
         return out
 
-    p_leaves, rebuild = _flatten(params)
-    ms, vs = _flatten(state["m"])[0], _flatten(state["v"])[0]
-    v_maxes = _flatten(state["v_max"])[0] if amsgrad else [None] * len(p_leaves)
-    flat = [update(*leaf) for leaf in zip(p_leaves, _flatten(grads)[0], ms, vs, v_maxes)]
-    columns = list(zip(*flat)) if flat else [(), (), (), ()]
+    p_leaves, rebuild = tree_flatten(params)
+    ms, vs = tree_flatten(state["m"])[0], tree_flatten(state["v"])[0]
+    v_maxes = tree_flatten(state["v_max"])[0] if amsgrad else [None] * len(p_leaves)
+    flat = [update(*leaf) for leaf in zip(p_leaves, tree_flatten(grads)[0], ms, vs, v_maxes, strict=True)]
+    columns = list(zip(*flat, strict=True)) if flat else [(), (), (), ()]
     new_params, m, v, v_max = (rebuild(col) for col in columns)
     new_state = {"step": t, "m": m, "v": v}
     if amsgrad:
         new_state["v_max"] = v_max
     return new_params, new_state
-
-
-def _flatten(tree: Any) -> tuple[list, Any]:
-    """(leaves, rebuild): the leaves in ``_leaves`` order and a function making a tree like
-    ``tree`` from new leaves. A flat dict of arrays, the usual adapter, takes a fast path."""
-    if type(tree) is dict and not any(isinstance(v, dict | list | tuple) for v in tree.values()):
-        keys = list(tree)
-        return list(tree.values()), lambda values: dict(zip(keys, values))
-    return [leaf for _, leaf in _leaves(tree)], lambda values: _unflatten(tree, values)
-
-
-def _unflatten(tree: Any, values: Any) -> Any:
-    """A tree shaped like ``tree`` whose leaves are ``values`` in ``_leaves`` order."""
-    it = iter(values)
-    return tree_map(lambda _leaf: next(it), tree)

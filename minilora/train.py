@@ -17,16 +17,17 @@ import numpy as np
 from autograd.core import make_vjp, vspace
 from autograd.tracer import getval
 
-from .backend import namespace_of
-from .errors import MiniLoraTypeError, MiniLoraValueError, NonFiniteError
-from .optim import _leaves, adam_apply, adam_init, adam_options, check_adam_state
+from minilora._tree import labelled_leaves
+from minilora.backend import namespace_of
+from minilora.errors import MiniLoraTypeError, MiniLoraValueError, NonFiniteError
+from minilora.optim import adam_apply, adam_init, adam_options, check_adam_state
 
 __all__ = ["grad", "value_and_grad", "count_params", "fit"]
 
 
 def _register(tree: Any) -> None:
     """Make autograd able to box any non-NumPy array type found in the arguments."""
-    for _, leaf in _leaves(tree):
+    for _, leaf in labelled_leaves(tree):
         if hasattr(leaf, "__array_namespace__") and not isinstance(leaf, autograd.tracer.Box):
             namespace_of(leaf)  # registers the type as a side effect
 
@@ -90,7 +91,7 @@ _NUMPY_SCALARS = (np.float64, np.float32, np.float16)
 def count_params(tree: Any) -> int:
     """Total number of scalars in a tree (dict/list/tuple) of arrays."""
     total = 0
-    for path, leaf in _leaves(getval(tree)):
+    for path, leaf in labelled_leaves(getval(tree)):
         shape = getattr(leaf, "shape", None)
         if shape is None:
             raise MiniLoraTypeError(f"tree{path} must be an array; got {type(leaf).__name__}")

@@ -3,19 +3,16 @@ and the rule that in CI a comparison test may not skip."""
 
 from __future__ import annotations
 
-import importlib
 import os
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pytest
+from helpers import CURRENT_TEST, STRICT, require
 from hypothesis import HealthCheck, settings
 
 import minilora as ml
-
-# CI=true (set by the CI runner) or MINILORA_REQUIRE_ALL=1: a missing framework is a failure.
-STRICT = os.environ.get("CI", "").lower() in ("1", "true", "yes") or os.environ.get("MINILORA_REQUIRE_ALL") == "1"
 
 settings.register_profile(
     "ci", derandomize=True, max_examples=40, deadline=None,
@@ -23,16 +20,6 @@ settings.register_profile(
 )
 settings.register_profile("dev", max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if STRICT else "dev"))
-
-
-def require(module: str) -> Any:
-    """Import an optional framework; skip without it locally, fail without it in CI."""
-    try:
-        return importlib.import_module(module)
-    except ImportError as exc:
-        if STRICT:
-            pytest.fail(f"{module} is required in CI but could not be imported: {exc}")
-        pytest.skip(f"{module} is not installed (pip install -e '.[test,compare]')")
 
 
 @dataclass
@@ -72,21 +59,23 @@ def backend(request: pytest.FixtureRequest) -> Any:
             yield BackendCase("array_api_strict", be.xp, device)
 
 
-class FakeTerminal:
-    """A stream that claims to be a terminal (or not) and records what is written to it, for
-    testing progress lines."""
+# Fixtures that hand a test a framework of the `compare` extra: a test using one is a `compare`
+# test whether or not it says so (module-scoped fixtures run before ``require`` can see the test).
+COMPARE_FIXTURES = frozenset({"torch", "bnb", "peft", "loralib", "torch_and_peft"})
 
-    def __init__(self, tty: bool) -> None:
-        self.tty, self.text = tty, ""
 
-    def isatty(self) -> bool:
-        return self.tty
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if COMPARE_FIXTURES & set(getattr(item, "fixturenames", ())) and item.get_closest_marker("compare") is None:
+            item.add_marker(pytest.mark.compare)
 
-    def write(self, s: str) -> None:
-        self.text += s
 
-    def flush(self) -> None:
-        pass
+@pytest.fixture(autouse=True)
+def _running_test(request: pytest.FixtureRequest) -> Any:
+    """Let ``helpers.require`` see the running test's marks (a `compare` framework needs one)."""
+    CURRENT_TEST.append(request.node)
+    yield
+    CURRENT_TEST.pop()
 
 
 _skipped: list[str] = []

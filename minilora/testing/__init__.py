@@ -16,8 +16,8 @@ PEFT, loralib or your own class through one protocol, ``conformance.check`` runs
 
 from __future__ import annotations
 
-from .compare import Comparison, ToleranceError, assert_lora_close, compare
-from .tolerance import (
+from minilora.testing.compare import Comparison, ToleranceError, assert_lora_close, compare
+from minilora.testing.tolerance import (
     SAFETY,
     UNIT_ROUNDOFF,
     adam_bounds,

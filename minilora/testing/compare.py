@@ -9,8 +9,8 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import MiniLoraValueError
-from .tolerance import dot_bound, dtype_name
+from minilora.errors import MiniLoraValueError
+from minilora.testing.tolerance import dot_bound, dtype_name
 
 __all__ = ["Comparison", "compare", "assert_lora_close", "ToleranceError"]
 

@@ -22,6 +22,7 @@ rounds to 0 there; PyTorch's own advice is float32 optimizer state for float16 m
 
 from __future__ import annotations
 
+import builtins
 import math
 import platform
 import time
@@ -31,10 +32,10 @@ from typing import Any
 
 import numpy as np
 
-from .adapters import adapter_dtypes, adapter_features, load_adapter
-from .problems import AdamProblem, LoraProblem, make_adam_problem, make_problem
-from .compare import Comparison, compare
-from .tolerance import adam_bounds, lora_bounds
+from minilora.testing.adapters import adapter_dtypes, adapter_features, load_adapter
+from minilora.testing.compare import Comparison, compare
+from minilora.testing.problems import AdamProblem, LoraProblem, make_adam_problem, make_problem
+from minilora.testing.tolerance import adam_bounds, lora_bounds
 
 __all__ = [
     "PROPERTIES",
@@ -68,11 +69,11 @@ class PropertyResult:
     worst_case: str = ""
     error: str | None = None  # the adapter raised, or returned something unusable
 
-    @property
+    @builtins.property  # (the field `property` shadows the builtin for type checkers)
     def passed(self) -> bool:
         return self.error is None and self.failed_cases == 0 and self.cases > 0
 
-    @property
+    @builtins.property
     def verdict(self) -> str:
         return "pass" if self.passed else ("ERROR" if self.error is not None else "FAIL")
 
@@ -137,7 +138,7 @@ class CheckReport:
     results: list[PropertyResult] = field(default_factory=list)
     seconds: float = 0.0
 
-    @property
+    @builtins.property  # (the field `property` shadows the builtin for type checkers)
     def passed(self) -> bool:
         return bool(self.results) and all(r.passed for r in self.results)
 
@@ -186,7 +187,7 @@ EDGE_CASES = (
     dict(label="edge: 3-D input", lead=(2, 3), d_in=6, d_out=5, rank=3, alpha=3.0, dropout=0.1,
          fan_in_fan_out=True, seed=104),
 )
-ADAM_EDGE_CASES = (
+ADAM_EDGE_CASES: tuple[dict[str, Any], ...] = (
     dict(label="edge: Adam, torch defaults", d_in=4, d_out=3, rank=2, steps=5, lr=1e-3, seed=201),
     dict(label="edge: AdamW, amsgrad", d_in=3, d_out=5, rank=1, steps=6, lr=1e-2, decoupled=True,
          weight_decay=0.1, amsgrad=True, seed=202),
@@ -213,7 +214,7 @@ def edge_problems(dtype: str, features: frozenset = frozenset({"fan_in_fan_out",
 
 
 def _hypothesis_problems(dtype: str, features: frozenset, count: int, seed: int) -> list[LoraProblem]:
-    from .strategies import lora_problems, relabel, sample
+    from minilora.testing.strategies import lora_problems, relabel, sample
 
     def fixed(name: str) -> bool | None:
         return None if name in features else False
@@ -226,7 +227,7 @@ def _hypothesis_problems(dtype: str, features: frozenset, count: int, seed: int)
 
 
 def _adam_problems(dtype: str, count: int, seed: int) -> list[AdamProblem]:
-    from .strategies import adam_problems, relabel, sample
+    from minilora.testing.strategies import adam_problems, relabel, sample
 
     edges = [make_adam_problem(**spec, dtype=dtype) for spec in ADAM_EDGE_CASES]
     drawn = sample(adam_problems([dtype]), count, seed)
@@ -241,7 +242,7 @@ def planned(adapter: Any, dtypes: Any = None, properties: Any = None) -> list[tu
     pairs = []
     for p in props:
         if p == "init":
-            if callable(getattr(adapter, "init", None)) and getattr(adapter, "inits", ()):
+            if callable(getattr(adapter, "init", None)) and bool(getattr(adapter, "inits", None)):
                 dt = INIT_DTYPE if INIT_DTYPE in have else have[0]
                 if dtypes is None or dt in dtypes:
                     pairs.append((p, dt))
@@ -263,7 +264,7 @@ def _oracle(p: LoraProblem) -> dict:
     import minilora as ml
 
     with ml.use_backend("numpy"):
-        kw = dict(scale=p.scale, fan_in_fan_out=p.fan_in_fan_out)
+        kw: dict[str, Any] = dict(scale=p.scale, fan_in_fan_out=p.fan_in_fan_out)
         y = ml.lora_dense(p.params, p.lora, p.x, dropout_mask=p.mask, **kw)
 
         def loss(x: Any, lora: dict) -> Any:
@@ -421,7 +422,7 @@ def check(
     for prop, dt in pairs:
         by_dtype.setdefault(dt, []).append(prop)
 
-    work: list[tuple[str, Callable[[], None]]] = []
+    work: list[tuple[str, Callable[..., None]]] = []
     for dt, props in by_dtype.items():
         layer = [x for x in props if x in LAYER_PROPERTIES]
         if layer:
@@ -431,8 +432,8 @@ def check(
                 work.append((f"layer {dt}", lambda prob=prob, view=view, layer=layer:
                              _run_layer(adapter, prob, set(layer), view)))
         if "adam" in props:
-            for prob in _adam_problems(dt, max_examples, seed):
-                work.append((f"adam {dt}", lambda prob=prob, dt=dt: _run_adam(adapter, prob, rows[("adam", dt)])))
+            for aprob in _adam_problems(dt, max_examples, seed):
+                work.append((f"adam {dt}", lambda aprob=aprob, dt=dt: _run_adam(adapter, aprob, rows[("adam", dt)])))
         if "init" in props:
             for i, init in enumerate(getattr(adapter, "inits", ())):
                 work.append((f"init {init}", lambda i=i, init=init, dt=dt: _run_init(adapter, init, seed + i,

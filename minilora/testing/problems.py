@@ -14,8 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from ..layers import lora_scale
-from .tolerance import UNIT_ROUNDOFF, round_to
+from minilora.layers import lora_scale
+from minilora.testing.tolerance import UNIT_ROUNDOFF, round_to
 
 __all__ = ["DTYPES", "LoraProblem", "AdamProblem", "make_problem", "make_adam_problem", "relabel"]
 

@@ -31,8 +31,8 @@ from typing import Any
 
 import pytest
 
-from .adapters import FrameworkUnavailableError, load_adapter
-from .conformance import CheckReport, check, planned
+from minilora.testing.adapters import FrameworkUnavailableError, load_adapter
+from minilora.testing.conformance import CheckReport, check, planned
 
 __all__ = ["ConformanceTests", "pytest_addoption"]
 

@@ -21,15 +21,24 @@ This is the only module of minilora that imports hypothesis; the problems themse
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from hypothesis import HealthCheck, Phase, given, seed, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from .problems import DTYPES, FLUSH, LIMIT, AdamProblem, LoraProblem, make_adam_problem, make_problem, relabel
-from .tolerance import round_to
+from minilora.testing.problems import (
+    DTYPES,
+    FLUSH,
+    LIMIT,
+    AdamProblem,
+    LoraProblem,
+    make_adam_problem,
+    make_problem,
+    relabel,
+)
+from minilora.testing.tolerance import round_to
 
 __all__ = [
     "DTYPES",
@@ -73,7 +82,8 @@ def lora_shapes(max_dim: int = 12, max_batch: int = 4, max_lead_dims: int = 2) -
 
 def well_scaled_floats(dtype: str = "float64", limit: float = LIMIT) -> st.SearchStrategy[float]:
     """Floats representable in ``dtype``, |v| <= limit, either 0 or >= 2^-8 in magnitude."""
-    width = {"float64": 64, "float32": 32, "float16": 16, "bfloat16": 32}[dtype]
+    widths: dict[str, Literal[16, 32, 64]] = {"float64": 64, "float32": 32, "float16": 16, "bfloat16": 32}
+    width = widths[dtype]
     base = st.floats(-limit, limit, width=width, allow_nan=False, allow_infinity=False, allow_subnormal=False)
     return base.map(lambda v: 0.0 if abs(v) < FLUSH else float(round_to(v, dtype)))
 

@@ -6,7 +6,7 @@
 
 from __future__ import annotations
 
-from .pytest_plugin import ConformanceTests
+from minilora.testing.pytest_plugin import ConformanceTests
 
 
 class TestConformance(ConformanceTests):

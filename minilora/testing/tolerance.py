@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import MiniLoraTypeError, MiniLoraValueError
+from minilora.errors import MiniLoraTypeError, MiniLoraValueError
 
 __all__ = [
     "UNIT_ROUNDOFF",
@@ -113,6 +113,10 @@ def _host(a: Any) -> np.ndarray | None:
     return None if a is None else np.asarray(a, dtype=np.float64)
 
 
+def _host_array(a: Any) -> np.ndarray:
+    return np.asarray(a, dtype=np.float64)
+
+
 def lora_magnitudes(
     params: dict,
     lora: dict,
@@ -125,10 +129,10 @@ def lora_magnitudes(
 ) -> dict[str, tuple[int, np.ndarray]]:
     """{output: (K, M)}: the reduction length and the magnitude of every output of a LoRA
     layer (the table in ``lora_bounds``), computed in float64 on absolute values."""
-    x = _host(x)
-    W = _host(params["W"])
+    x = _host_array(x)
+    W = _host_array(params["W"])
     b = _host(params.get("b"))
-    A, B = _host(lora["A"]), _host(lora["B"])
+    A, B = _host_array(lora["A"]), _host_array(lora["B"])
     mask = _host(dropout_mask)
     s = abs(float(scale))
     r, d_in = A.shape
@@ -147,7 +151,7 @@ def lora_magnitudes(
     out["W"] = (r + 2, M_W)
     out["W_back"] = (2 * r + 5, M_W)
     if cotangent is not None:
-        g = np.abs(_host(cotangent))
+        g = np.abs(_host_array(cotangent))
         n = int(np.prod(g.shape[:-1], dtype=np.int64))
         G, Xm = g.reshape(-1, d_out), axm.reshape(-1, d_in)
         back = s * (g @ np.abs(B)) @ np.abs(A)
@@ -291,7 +295,7 @@ def round_to(a: Any, dtype: Any) -> np.ndarray:
     name = dtype_name(dtype)
     a = np.asarray(a, dtype=np.float64)
     if name == "bfloat16":
-        from ..safetensors_io import bf16_bits_to_float32, float_to_bf16_bits
+        from minilora.formats.safetensors import bf16_bits_to_float32, float_to_bf16_bits
 
         return bf16_bits_to_float32(float_to_bf16_bits(a)).astype(np.float64)
     with np.errstate(over="ignore"):

@@ -32,7 +32,7 @@ import sys
 from collections.abc import Iterator
 from typing import Any, Protocol, runtime_checkable
 
-from ...errors import MiniLoraError, MiniLoraValueError
+from minilora.errors import MiniLoraError, MiniLoraValueError
 
 __all__ = [
     "LoraAdapter",

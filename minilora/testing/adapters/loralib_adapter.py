@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from .torch_adapter import TorchBase
+from minilora.testing.adapters.torch_adapter import TorchBase
 
 __all__ = ["LoralibAdapter"]
 

@@ -20,7 +20,7 @@ import warnings
 from collections.abc import Iterator
 from typing import Any
 
-from .torch_adapter import TorchBase
+from minilora.testing.adapters.torch_adapter import TorchBase
 
 __all__ = ["PeftAdapter"]
 
@@ -42,7 +42,7 @@ class PeftAdapter(TorchBase):
 
     def __init__(self) -> None:
         super().__init__()
-        from . import _quiet_logs
+        from minilora.testing.adapters import _quiet_logs
 
         with _quiet(), _quiet_logs():  # bitsandbytes, where installed, logs about CPU kernels
             import peft
@@ -60,7 +60,7 @@ class PeftAdapter(TorchBase):
                dtype: str, W: Any = None, b: Any = None, dropout: float | None = None,
                init: str = "kaiming") -> tuple[Any, Any]:
         """(peft model, its LoRA layer) with base weight W (problem layout) and bias b."""
-        nn = self.torch.nn
+        nn: Any = self.torch.nn
 
         class OneLayer(nn.Module):
             def __init__(self, layer: Any) -> None:

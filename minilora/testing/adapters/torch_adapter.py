@@ -57,7 +57,7 @@ class TorchBase:
     def fixed_mask(self, mask: Any) -> Any:
         """A module multiplying its input by the problem's dropout mask: put in place of a
         framework's ``nn.Dropout`` so both sides drop exactly the same entries."""
-        nn = self.torch.nn
+        nn: Any = self.torch.nn
 
         class FixedMask(nn.Module):
             def __init__(self, m: Any) -> None:
@@ -77,10 +77,10 @@ class TorchBase:
         opt = cls(parameters, lr=o.get("lr", 1e-3), betas=tuple(o.get("betas", (0.9, 0.999))),
                   eps=o.get("eps", 1e-8), weight_decay=o.get("weight_decay", 0.0), amsgrad=o.get("amsgrad", False))
         for grads in problem.grads:
-            for p, name in zip(parameters, names):
+            for p, name in zip(parameters, names, strict=True):
                 p.grad = self.tensor(grads[name], p.dtype)
             opt.step()
-        return {name: self.host(p) for p, name in zip(parameters, names)}
+        return {name: self.host(p) for p, name in zip(parameters, names, strict=True)}
 
     def seeded(self, seed: int) -> Any:
         """torch's global generator seeded for one block, restored afterwards."""
@@ -151,14 +151,14 @@ class TorchAdapter(TorchBase):
             return self.host(merged - self._delta(problem, t))
 
     def adam(self, problem: Any) -> dict:
-        nn = self.torch.nn
+        nn: Any = self.torch.nn
         with self.one_thread():
             A = nn.Parameter(self.tensor(problem.A, problem.dtype))
             B = nn.Parameter(self.tensor(problem.B, problem.dtype))
             return self.run_adam([A, B], ["A", "B"], problem)
 
     def init(self, d_in: int, d_out: int, rank: int, init: str, seed: int) -> dict:
-        nn = self.torch.nn
+        nn: Any = self.torch.nn
         with self.one_thread(), self.seeded(seed):
             A = self.torch.empty(rank, d_in)
             if init == "kaiming":  # what nn.Linear, loralib and PEFT do

@@ -1,0 +1,55 @@
+"""The ``minilora`` command. A user mistake prints one line on stderr and exits non-zero."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+from collections.abc import Sequence
+from typing import NoReturn
+
+from minilora.cli.common import EXIT_USAGE
+from minilora.errors import MiniLoraError
+
+__all__ = ["build_parser", "main"]
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (no usage dump) and exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
+
+
+# Each command lives in its own module with a ``register(subparsers)`` function; a module is
+# imported only to build the parser, and imports its heavy dependencies inside its functions.
+COMMAND_MODULES = ("demo", "sweep", "params", "check", "vectors", "merge", "inspect")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from minilora import __version__
+
+    parser = _OneLineParser(prog="minilora", description="A reference implementation of LoRA in NumPy.")
+    parser.add_argument("--version", action="version", version=f"minilora {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_OneLineParser)
+    sub.required = True
+    for name in COMMAND_MODULES:
+        importlib.import_module(f"minilora.cli.{name}").register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except MiniLoraError as exc:
+        print(f"minilora: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("minilora: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # the reader went away (``minilora params | head``): not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        return 141

@@ -1,0 +1,478 @@
+"""Golden vectors: minilora's answers on fixed LoRA problems, for implementations in any language.
+
+``export(folder)`` writes ``manifest.json`` and one safetensors file per group; ``verify(folder)``
+recomputes every case with the oracle and checks it against the files, their SHA-256 and the
+schema. docs/vectors.md documents the format. Every valid input is a multiple of 1/32 below 4 in
+magnitude, so it is exact in float16, bfloat16, float32 and float64 alike (with a power-of-two
+scale even the expected outputs are exact). Export is deterministic: the same minilora writes the
+same bytes, so two vector sets can be compared with ``diff -r`` or ``sha256sum``.
+
+Groups: ``forward`` (lora_dense), ``gradients`` (of sum(y * g) with respect to x, A, B),
+``merge`` (merge and unmerge), ``adam`` (Adam/AdamW fed fixed gradients) and ``invalid``
+(inputs an implementation must refuse: shapes that do not fit, a merge that overflows or
+meets a NaN).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from minilora.errors import MiniLoraError, MiniLoraValueError, NonFiniteError, ShapeError
+from minilora.formats.fileio import atomic_open, read_json
+from minilora.formats.safetensors import SafetensorsError, load_bytes, save
+
+__all__ = ["SCHEMA_VERSION", "VectorsError", "VerifyReport", "export", "verify"]
+
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+BOUND_DTYPES = ("float64", "float32")
+ERROR_KINDS: dict[str, type[Exception]] = {"shape": ShapeError, "non_finite": NonFiniteError}
+
+CONVENTIONS = (
+    "Shapes follow PyTorch/PEFT: W (d_out, d_in) [fan_in_fan_out: (d_in, d_out)], b (d_out,), A (r, d_in), "
+    "B (d_out, r), x (..., d_in). lora_dense: y = x W^T + b + scale ((x * mask) A^T) B^T with scale = alpha/r "
+    "(alpha/sqrt(r) with rslora; given as options.scale); a missing b or mask means none. lora_dense_vjp: the "
+    "gradients of sum(y * g) with respect to x, A and B. merge: W + scale B A; unmerge: W - scale B A "
+    "(B A transposed for fan_in_fan_out). adam_steps: torch.optim.Adam (AdamW when decoupled) on {A, B}, "
+    "fed the gradients grads/<t>/A and grads/<t>/B at steps t = 1..steps."
+)
+TOLERANCE_RULE = (
+    "Pass when |actual - expected| <= bound elementwise. bound.<dtype> = 2 (gamma_k(u) M + k eta) for that "
+    "dtype plus the same for float64 (the reference's own rounding), with gamma_k = k u / (1 - k u), "
+    "k = reduction_length, M = the tensor named by magnitude, u = 2^-53, 2^-24, 2^-11, 2^-8 for float64, "
+    "float32, float16, bfloat16 and eta = 2^-1074, 2^-149, 2^-24, 2^-133 (docs/tolerance.md). adam bounds "
+    "come from minilora.testing.adam_bounds and have no single k."
+)
+
+
+class VectorsError(MiniLoraValueError):
+    """A vector folder that cannot be read or does not match its manifest (names the file)."""
+
+
+# ---------------------------------------------------------------- the cases
+
+
+def _grid(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
+    """Multiples of 1/32 in [-4, 4): exact in every float dtype (at most 8 significant bits)."""
+    return rng.integers(-128, 128, size=shape).astype(np.float64) / 32.0
+
+
+LAYER_CASES = (
+    dict(id="basic", comment="a small layer with bias, scale alpha/r = 2", lead=(3,), d_in=4, d_out=3, rank=2,
+         alpha=4.0),
+    dict(id="rank1", comment="rank 1", lead=(2,), d_in=5, d_out=3, rank=1, alpha=1.0),
+    dict(id="full_rank", comment="rank = min(d_in, d_out), no bias", lead=(2,), d_in=3, d_out=4, rank=3,
+         alpha=3.0, bias=False),
+    dict(id="batch1", comment="a batch of one", lead=(1,), d_in=4, d_out=2, rank=2, alpha=8.0),
+    dict(id="x3d", comment="x with two leading dimensions", lead=(2, 3), d_in=4, d_out=3, rank=2, alpha=2.0),
+    dict(id="fan_in_fan_out", comment="W stored (d_in, d_out), as GPT-2's Conv1D", lead=(2,), d_in=4,
+         d_out=3, rank=2, alpha=4.0, fan_in_fan_out=True),
+    dict(id="rslora", comment="rsLoRA: scale alpha/sqrt(r) = 8/2 = 4", lead=(2,), d_in=5, d_out=4, rank=4,
+         alpha=8.0, rslora=True),
+    dict(id="dropout", comment="inverted dropout p = 0.5: mask entries 0 or 2", lead=(4,), d_in=4, d_out=3,
+         rank=2, alpha=2.0, dropout=0.5),
+    dict(id="scale_third", comment="scale 1/3 is not a power of two: the expected values are rounded",
+         lead=(2,), d_in=3, d_out=3, rank=3, alpha=1.0),
+)
+ADAM_CASES = (
+    dict(id="adam_defaults", comment="torch.optim.Adam defaults: lr 1e-3, betas (0.9, 0.999), eps 1e-8",
+         d_in=4, d_out=3, rank=2, steps=5, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+         decoupled=False, amsgrad=False),
+    dict(id="adamw", comment="AdamW: decoupled weight decay 0.1, lr 1e-2", d_in=3, d_out=2, rank=1, steps=4,
+         lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.1, decoupled=True, amsgrad=False),
+    dict(id="adam_amsgrad_l2", comment="Adam with amsgrad and L2 weight decay 0.01", d_in=2, d_out=2, rank=2,
+         steps=6, lr=1e-2, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.01, decoupled=False, amsgrad=True),
+)
+
+
+def _layer_case(spec: dict, seed: int) -> tuple[dict, dict]:
+    """(arrays, options) of one layer case."""
+    from minilora.layers import lora_scale
+
+    rng = np.random.default_rng(seed)
+    lead, d_in, d_out, r = spec["lead"], spec["d_in"], spec["d_out"], spec["rank"]
+    fif = spec.get("fan_in_fan_out", False)
+    a = {"x": _grid(rng, (*lead, d_in)), "W": _grid(rng, (d_in, d_out) if fif else (d_out, d_in))}
+    if spec.get("bias", True):
+        a["b"] = _grid(rng, (d_out,))
+    a["A"] = _grid(rng, (r, d_in))
+    a["B"] = _grid(rng, (d_out, r))
+    p = spec.get("dropout")
+    if p is not None:
+        a["mask"] = np.where(rng.random((*lead, d_in)) >= p, 1.0 / (1.0 - p), 0.0)
+    a["g"] = _grid(rng, (*lead, d_out))
+    rslora = spec.get("rslora", False)
+    options = {"alpha": spec["alpha"], "rank": r, "rslora": rslora,
+               "scale": lora_scale(spec["alpha"], r, rslora=rslora), "fan_in_fan_out": fif, "dropout_p": p}
+    return a, options
+
+
+def _eight_bits(v: np.ndarray) -> np.ndarray:
+    """``v`` rounded to 8 significant bits (bfloat16's), magnitudes below 2^-8 set to 0."""
+    from minilora.testing.tolerance import round_to
+
+    out = round_to(v, "bfloat16")
+    return np.where(np.abs(out) < 2.0**-8, 0.0, out)
+
+
+def _params(a: dict) -> tuple[dict, dict]:
+    return {"W": a["W"], **({"b": a["b"]} if "b" in a else {})}, {"A": a["A"], "B": a["B"]}
+
+
+def _run_layer(op: str, a: dict, o: dict) -> dict[str, np.ndarray]:
+    """The oracle's outputs of a layer operation on inputs ``a`` and options ``o``."""
+    import autograd.numpy as anp
+
+    from minilora.layers import lora_dense, merge, unmerge
+    from minilora.train import grad
+
+    params, lora = _params(a)
+    kw = dict(scale=o["scale"], fan_in_fan_out=o["fan_in_fan_out"])
+    if op == "lora_dense":
+        return {"y": lora_dense(params, lora, a["x"], dropout_mask=a.get("mask"), **kw)}
+    if op == "lora_dense_vjp":
+        def loss(x: Any, lo: dict) -> Any:
+            return anp.sum(lora_dense(params, lo, x, dropout_mask=a.get("mask"), **kw) * a["g"])
+
+        gx, gl = grad(loss, argnum=(0, 1))(a["x"], lora)
+        return {"dx": gx, "dA": gl["A"], "dB": gl["B"]}
+    if op == "merge":
+        return {"W": merge(params, lora, **kw)["W"]}
+    if op == "unmerge":
+        return {"W": unmerge(params, lora, **kw)["W"]}
+    raise VectorsError(f"unknown operation {op!r}")
+
+
+# output name -> key in lora_magnitudes
+MAGNITUDE_KEY = {"y": "y", "dx": "x", "dA": "A", "dB": "B", "W": "W"}
+
+
+def _layer_tolerance(op: str, a: dict, o: dict) -> dict[str, tuple[int, np.ndarray]]:
+    from minilora.testing.tolerance import lora_magnitudes
+
+    params, lora = _params(a)
+    x = a.get("x", np.zeros((1, a["A"].shape[1])))
+    mags = lora_magnitudes(params, lora, x, scale=o["scale"], fan_in_fan_out=o["fan_in_fan_out"],
+                           dropout_mask=a.get("mask"), cotangent=a.get("g"))
+    names = {"lora_dense": ("y",), "lora_dense_vjp": ("dx", "dA", "dB"), "merge": ("W",), "unmerge": ("W",)}[op]
+    return {name: mags[MAGNITUDE_KEY[name]] for name in names}
+
+
+def _bound(k: int, M: np.ndarray, dtype: str) -> np.ndarray:
+    from minilora.testing.tolerance import dot_bound
+
+    return dot_bound(k, M, dtype) + dot_bound(k, M, "float64")
+
+
+def _run_adam(a: dict, o: dict) -> dict[str, np.ndarray]:
+    from minilora.optim import adam_init, adam_step
+
+    params = {"A": a["A"], "B": a["B"]}
+    state = adam_init(params, amsgrad=o["amsgrad"])
+    for t in range(1, o["steps"] + 1):
+        grads = {k: a[f"grads/{t}/{k}"] for k in ("A", "B")}
+        params, state = adam_step(params, grads, state, **_adam_kw(o))
+    return params
+
+
+def _adam_kw(o: dict) -> dict:
+    return dict(lr=o["lr"], betas=tuple(o["betas"]), eps=o["eps"], weight_decay=o["weight_decay"],
+                decoupled=o["decoupled"], amsgrad=o["amsgrad"])
+
+
+def _adam_case(spec: dict, seed: int) -> tuple[dict, dict]:
+    rng = np.random.default_rng(seed)
+    a = {"A": _grid(rng, (spec["rank"], spec["d_in"])), "B": _grid(rng, (spec["d_out"], spec["rank"]))}
+    for t in range(1, spec["steps"] + 1):
+        for k in ("A", "B"):
+            g = _grid(rng, a[k].shape)
+            a[f"grads/{t}/{k}"] = np.where(g == 0, 1.0 / 32, g)  # never 0 (see strategies.make_adam_problem)
+    o = {k: spec[k] for k in ("steps", "lr", "eps", "weight_decay", "decoupled", "amsgrad")}
+    o["betas"] = list(spec["betas"])
+    return a, o
+
+
+def _invalid_cases() -> list[tuple[str, str, str, str, dict, dict]]:
+    """(id, comment, operation, error kind, arrays, options) of inputs that must be refused."""
+    rng = np.random.default_rng(7)
+    o = {"alpha": 2.0, "rank": 2, "rslora": False, "scale": 1.0, "fan_in_fan_out": False, "dropout_p": None}
+    good = {"x": _grid(rng, (2, 4)), "W": _grid(rng, (3, 4)), "b": _grid(rng, (3,)), "A": _grid(rng, (2, 4)),
+            "B": _grid(rng, (3, 2))}
+    huge = {"W": np.full((3, 4), 2.0**1000), "A": np.full((2, 4), 2.0**600), "B": np.full((3, 2), 2.0**600)}
+    nan_A = good["A"].copy()
+    nan_A[1, 2] = np.nan
+    return [
+        ("x_width", "x has 5 columns; W and A expect d_in = 4", "lora_dense", "shape",
+         {**good, "x": _grid(rng, (2, 5))}, o),
+        ("A_width", "A is (2, 5); W says d_in = 4", "lora_dense", "shape", {**good, "A": _grid(rng, (2, 5))}, o),
+        ("B_rank", "B is (3, 3) but A has rank 2", "lora_dense", "shape", {**good, "B": _grid(rng, (3, 3))}, o),
+        ("B_rows", "B is (4, 2) but W has d_out = 3", "lora_dense", "shape", {**good, "B": _grid(rng, (4, 2))}, o),
+        ("bias_length", "b has 4 entries; d_out = 3", "lora_dense", "shape", {**good, "b": _grid(rng, (4,))}, o),
+        ("mask_shape", "the dropout mask is (2, 3); x is (2, 4)", "lora_dense", "shape",
+         {**good, "mask": np.full((2, 3), 2.0)}, o),
+        ("merge_overflow", "scale B A overflows float64 (2^1200): the merged W would be infinite", "merge",
+         "non_finite", huge, o),
+        ("merge_nan", "A holds a NaN: the merged W would hold NaNs", "merge", "non_finite",
+         {**good, "A": nan_A}, o),
+    ]
+
+
+# ---------------------------------------------------------------- export
+
+
+def _layer_group(name: str, op: str, comment: str, seed0: int) -> tuple[dict, dict]:
+    tensors: dict[str, np.ndarray] = {}
+    cases = []
+    for i, spec in enumerate(LAYER_CASES):
+        a, o = _layer_case(spec, seed0 + i)
+        if op == "unmerge":  # start from the merged weight, cut to 8 bits to stay exact in every dtype
+            a = {**a, "W": _eight_bits(_run_layer("merge", a, o)["W"])}
+        used = {"lora_dense": ("x", "W", "b", "A", "B", "mask"),
+                "lora_dense_vjp": ("x", "W", "b", "A", "B", "mask", "g"),
+                "merge": ("W", "A", "B"), "unmerge": ("W", "A", "B")}[op]
+        a = {k: v for k, v in a.items() if k in used}
+        cid = f"{name}/{spec['id']}" if op != "unmerge" else f"{name}/unmerge_{spec['id']}"
+        case: dict[str, Any] = {"id": cid, "comment": spec["comment"], "operation": op, "expect": "ok",
+                "options": o if op in ("lora_dense", "lora_dense_vjp") else
+                {k: o[k] for k in ("alpha", "rank", "rslora", "scale", "fan_in_fan_out")},
+                "shapes": {k: list(v.shape) for k, v in a.items()},
+                "inputs": {}, "outputs": {}}
+        for k, v in a.items():
+            tensors[f"{cid}/{k}"] = v
+            case["inputs"][k] = f"{cid}/{k}"
+        outputs = _run_layer(op, a, o)
+        for out_name, (k, M) in _layer_tolerance(op, a, o).items():
+            base = f"{cid}/out/{out_name}"
+            tensors[base] = np.asarray(outputs[out_name], dtype=np.float64)
+            tensors[f"{base}.magnitude"] = M
+            entry: dict[str, Any] = {"tensor": base, "reduction_length": k, "magnitude": f"{base}.magnitude", "bound": {}}
+            for dt in BOUND_DTYPES:
+                tensors[f"{base}.bound.{dt}"] = _bound(k, M, dt)
+                entry["bound"][dt] = f"{base}.bound.{dt}"
+            case["outputs"][out_name] = entry
+        cases.append(case)
+    return {"name": name, "comment": comment, "cases": cases}, tensors
+
+
+def _groups() -> list[tuple[dict, dict]]:
+    from minilora.testing.tolerance import adam_bounds
+
+    groups = [
+        _layer_group("forward", "lora_dense", "y = x W^T + b + scale ((x * mask) A^T) B^T", 1000),
+        _layer_group("gradients", "lora_dense_vjp", "gradients of sum(y * g) with respect to x, A and B", 2000),
+    ]
+    merge_group, merge_tensors = _layer_group("merge", "merge", "W + scale B A, and back", 3000)
+    unmerge_group, unmerge_tensors = _layer_group("merge", "unmerge", "", 3000)
+    merge_group["cases"] += unmerge_group["cases"]
+    groups.append((merge_group, {**merge_tensors, **unmerge_tensors}))
+
+    tensors: dict[str, np.ndarray] = {}
+    cases = []
+    for i, spec in enumerate(ADAM_CASES):
+        a, o = _adam_case(spec, 4000 + i)
+        cid = f"adam/{spec['id']}"
+        result = _run_adam(a, o)
+        grads = [{k: a[f"grads/{t}/{k}"] for k in ("A", "B")} for t in range(1, o["steps"] + 1)]
+        case: dict[str, Any] = {"id": cid, "comment": spec["comment"], "operation": "adam_steps", "expect": "ok", "options": o,
+                "shapes": {k: list(v.shape) for k, v in a.items()},
+                "inputs": {k: f"{cid}/{k}" for k in a}, "outputs": {}}
+        for k, v in a.items():
+            tensors[f"{cid}/{k}"] = v
+        for k in ("A", "B"):
+            base = f"{cid}/out/{k}"
+            tensors[base] = result[k]
+            entry: dict[str, Any] = {"tensor": base, "reduction_length": None, "magnitude": None, "bound": {}}
+            for dt in BOUND_DTYPES:
+                tensors[f"{base}.bound.{dt}"] = adam_bounds({"A": a["A"], "B": a["B"]}, grads, dtype=dt,
+                                                            **_adam_kw(o))[k]
+                entry["bound"][dt] = f"{base}.bound.{dt}"
+            case["outputs"][k] = entry
+        cases.append(case)
+    groups.append(({"name": "adam", "comment": "Adam/AdamW steps on {A, B} fed fixed gradients", "cases": cases},
+                   tensors))
+
+    tensors = {}
+    cases = []
+    for cid, comment, op, kind, a, o in _invalid_cases():
+        cid = f"invalid/{cid}"
+        for k, v in a.items():
+            tensors[f"{cid}/{k}"] = v
+        cases.append({"id": cid, "comment": comment, "operation": op, "expect": "error", "error": kind,
+                      "options": o, "shapes": {k: list(v.shape) for k, v in a.items()},
+                      "inputs": {k: f"{cid}/{k}" for k in a}, "outputs": {}})
+    groups.append(({"name": "invalid", "comment": "inputs an implementation must refuse (error: 'shape' for "
+                    "sizes that do not fit, 'non_finite' for a merge that would give inf or NaN)",
+                    "cases": cases}, tensors))
+    return groups
+
+
+def export(folder: str | os.PathLike) -> list[str]:
+    """Write the golden vectors into ``folder`` (created if missing; its parent must exist).
+    Returns the paths written. Each file is written atomically, the manifest last."""
+    from minilora import __version__
+
+    folder = os.fspath(folder)
+    parent = os.path.dirname(os.path.abspath(folder))
+    if not os.path.isdir(parent):
+        raise VectorsError(f"{folder}: the folder above it ({parent}) does not exist")
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise VectorsError(f"{folder}: exists and is not a folder")
+    os.makedirs(folder, exist_ok=True)
+    manifest: dict[str, Any] = {
+        "schema_version": SCHEMA_VERSION, "format": "minilora golden vectors", "minilora_version": __version__,
+        "conventions": CONVENTIONS, "tolerance_rule": TOLERANCE_RULE, "bound_dtypes": list(BOUND_DTYPES),
+        "files": {}, "groups": [],
+    }
+    written = []
+    for group, tensors in _groups():
+        filename = f"{group['name']}.safetensors"
+        path = os.path.join(folder, filename)
+        save(tensors, path, {"minilora_version": __version__, "group": group["name"]})
+        with open(path, "rb") as fh:
+            data = fh.read()
+        manifest["files"][filename] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+        manifest["groups"].append({**group, "file": filename})
+        written.append(path)
+    path = os.path.join(folder, MANIFEST)
+    with atomic_open(path, "w", encoding="utf-8") as fh:
+        json.dump(manifest, fh, indent=1, allow_nan=False)
+        fh.write("\n")
+    written.append(path)
+    return written
+
+
+# ---------------------------------------------------------------- verify
+
+
+@dataclass
+class VerifyReport:
+    folder: str
+    minilora_version: str
+    groups: int = 0
+    cases: int = 0
+    failures: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+
+def _manifest(folder: str) -> dict:
+    path = os.path.join(folder, MANIFEST)
+    if not os.path.isdir(folder):
+        raise VectorsError(f"{folder}: no such folder")
+    manifest = read_json(path, VectorsError, invalid="not valid JSON",
+                         missing=f"missing (is {folder} a vector folder from `minilora vectors export`?)")
+    if not isinstance(manifest, dict):
+        raise VectorsError(f"{path}: expected a JSON object; got {type(manifest).__name__}")
+    version = manifest.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise VectorsError(
+            f"{path}: schema version {version!r} is not supported: this minilora reads version {SCHEMA_VERSION} "
+            "(export the vectors again with this minilora, or use the minilora that wrote them)"
+        )
+    for key, kind in (("files", dict), ("groups", list)):
+        if not isinstance(manifest.get(key), kind):
+            raise VectorsError(f"{path}: malformed: {key!r} must be a JSON {kind.__name__}")
+    return manifest
+
+
+def _load_file(folder: str, filename: str, info: Any) -> dict[str, np.ndarray]:
+    path = os.path.join(folder, filename)
+    if not isinstance(info, dict) or not isinstance(info.get("sha256"), str):
+        raise VectorsError(f"{os.path.join(folder, MANIFEST)}: malformed entry for {filename!r} (needs sha256)")
+    if os.path.basename(filename) != filename:
+        raise VectorsError(f"{os.path.join(folder, MANIFEST)}: file name {filename!r} must not contain a folder")
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read()
+    except FileNotFoundError:
+        raise VectorsError(f"{path}: missing (listed in {MANIFEST})") from None
+    except OSError as exc:
+        raise VectorsError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    try:
+        tensors = load_bytes(data, name=path)
+    except SafetensorsError as exc:
+        raise VectorsError(str(exc)) from None
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != info["sha256"]:
+        raise VectorsError(
+            f"{path}: SHA-256 mismatch: {MANIFEST} says {info['sha256']}, the file hashes to {digest} "
+            "(the file was changed after export)"
+        )
+    return tensors
+
+
+def verify(folder: str | os.PathLike) -> VerifyReport:
+    """Check a vector folder: manifest schema, every file's presence, format and SHA-256, and
+    every case against the oracle within the float64 bound (invalid cases: refused with the
+    stated error). Unreadable input raises ``VectorsError``; case mismatches are collected in
+    the report's ``failures``."""
+    from minilora import __version__
+
+    folder = os.fspath(folder)
+    manifest = _manifest(folder)
+    files = {name: _load_file(folder, name, info) for name, info in manifest["files"].items()}
+    report = VerifyReport(folder, __version__)
+    for group in manifest["groups"]:
+        if not isinstance(group, dict) or group.get("file") not in files:
+            raise VectorsError(f"{os.path.join(folder, MANIFEST)}: a group names a file not listed in 'files'")
+        report.groups += 1
+        path = os.path.join(folder, group["file"])
+        tensors = files[group["file"]]
+        for case in group.get("cases", []):
+            report.cases += 1
+            message = _verify_case(case, tensors, path)
+            if message:
+                report.failures.append(message)
+    return report
+
+
+def _tensor(tensors: dict, name: Any, path: str, cid: str) -> np.ndarray:
+    if not isinstance(name, str) or name not in tensors:
+        raise VectorsError(f"{path}: tensor {name!r} of case {cid!r} is missing")
+    return tensors[name]
+
+
+def _verify_case(case: dict, tensors: dict, path: str) -> str:
+    from minilora.testing.compare import compare
+
+    cid = case.get("id", "?")
+    try:
+        a = {k: _tensor(tensors, v, path, cid) for k, v in case["inputs"].items()}
+        o = case["options"]
+        op = case["operation"]
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise VectorsError(f"{path}: case {cid!r} is malformed in {MANIFEST} ({exc!r})") from None
+    for k, shape in case.get("shapes", {}).items():
+        if k in a and list(a[k].shape) != list(shape):
+            return f"{cid}: input {k} has shape {list(a[k].shape)} in {path}; the manifest says {shape}"
+    if case.get("expect") == "error":
+        kind = ERROR_KINDS.get(str(case.get("error")))
+        if kind is None:
+            raise VectorsError(f"{path}: case {cid!r} has unknown error kind {case.get('error')!r}")
+        try:
+            with np.errstate(all="ignore"):  # the overflow is the point of the case
+                _run_layer(op, a, o)
+        except kind:
+            return ""
+        except MiniLoraError as exc:
+            return f"{cid}: minilora refused it with {type(exc).__name__} ({exc}); expected a {case['error']} error"
+        return f"{cid}: minilora accepted it; expected a {case['error']} error ({case.get('comment', '')})"
+    try:
+        got = _run_adam(a, o) if op == "adam_steps" else _run_layer(op, a, o)
+    except MiniLoraError as exc:
+        return f"{cid}: minilora refused the inputs in {path}: {exc}"
+    for name, entry in case["outputs"].items():
+        expected = _tensor(tensors, entry["tensor"], path, cid)
+        bound = _tensor(tensors, entry["bound"]["float64"], path, cid)
+        c = compare(got[name], expected, bound, name=name)
+        if not c.passed:
+            return f"{cid}: {c.describe('float64')}"
+    return ""

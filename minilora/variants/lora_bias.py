@@ -1,0 +1,42 @@
+"""LoRA with a bias on lora_B (PEFT ``lora_bias=True``): y = lora_dense(...) + s b_B.
+
+Shapes as in ``minilora.layers``: W (d_out, d_in) [fan_in_fan_out: (d_in, d_out)], A (r, d_in),
+B (d_out, r), bias (d_out,).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from minilora import ops
+from minilora._checks import check_real, check_shape, get_key
+from minilora.errors import MiniLoraValueError
+from minilora.layers import base_operands
+
+# ---------------------------------------------------------------- lora_bias
+
+
+def lora_bias_dense(params: dict, lora: dict, x: Any, *, scale: float = 1.0, fan_in_fan_out: bool = False,
+                    dropout_mask: Any = None) -> Any:
+    """y = x W^T + b + s ((x mask) A^T B^T + b_B) (PEFT ``lora_bias=True``: lora_B has a bias,
+    and ``lora_B(lora_A(x)) * scaling`` scales it too). lora {"A", "B", "bias" (d_out,)};
+    params must have "b" (PEFT cannot merge a lora bias into a layer without one)."""
+    W, b, d_in, d_out = base_operands(params, x, fan_in_fan_out)
+    if b is None:
+        raise MiniLoraValueError('lora_bias needs params["b"]: the base layer has no bias to merge it into')
+    bias = get_key(lora, "bias", "lora")
+    check_shape(bias, 'lora["bias"]', (d_out,), "(d_out,)")
+    s = check_real(scale, "scale")
+    return ops.lora_linear(x, W, b + bias * s, lora["A"], lora["B"], dropout_mask, scale=s,
+                           fan_in_fan_out=fan_in_fan_out)
+
+
+def lora_bias_merge(params: dict, lora: dict, *, scale: float = 1.0, fan_in_fan_out: bool = False,
+                    sign: float = 1.0) -> dict:
+    """W' = W + s B A and b' = b + s b_B (``sign=-1``: unmerge), PEFT ``Linear.merge``."""
+    from minilora.layers import merge, unmerge
+
+    f = merge if sign > 0 else unmerge
+    out = f(params, {"A": lora["A"], "B": lora["B"]}, scale=scale, fan_in_fan_out=fan_in_fan_out)
+    out["b"] = params["b"] + lora["bias"] * (scale * sign)
+    return out
