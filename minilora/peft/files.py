@@ -25,7 +25,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,6 +33,7 @@ import numpy as np
 from minilora.errors import MiniLoraValueError, ShapeError
 from minilora.formats import safetensors as st
 from minilora.formats.fileio import atomic_open, read_json
+from minilora.peft.targets import pattern_value
 
 __all__ = [
     "PeftFileError",
@@ -79,15 +79,6 @@ _SUFFIXES = {
 class PeftFileError(MiniLoraValueError):
     """A PEFT adapter folder that is missing, corrupt, inconsistent or uses an unsupported option.
     The message names the file and the module."""
-
-
-def pattern_value(patterns: dict, module: str, default: Any) -> Any:
-    """The value of the first key of ``patterns`` matching ``module`` as PEFT's ``get_pattern_key``
-    does (``re.match(rf"(.*\\.)?({key})$", module)``), else ``default``."""
-    for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", module):
-            return value
-    return default
 
 
 @dataclass

@@ -13,7 +13,7 @@ A layer is {"W": (d_out, d_in), "b": (d_out,) optional}; ``add_lora`` adds
 ``LoraLayer`` (``lora_A[name]``, ``lora_B[name]``, ``scaling[name]``). ``merge_all`` moves merged
 adapters from "lora" to "merged" (PEFT ``merge``; ``unload=True``: ``merge_and_unload``).
 
-Target selection (PEFT 0.21 ``check_target_module_exists``, ``_maybe_include_all_linear_layers``;
+Target selection (``minilora.peft.targets``; PEFT 0.21 ``check_target_module_exists``, ``_maybe_include_all_linear_layers``;
 ``get_pattern_key`` for ``rank_pattern``/``alpha_pattern``):
 
     targets a str       "all-linear" (any case): every layer but the output layer; otherwise the
@@ -32,7 +32,6 @@ trainable part only, ``join`` puts the two back together inside the loss.
 from __future__ import annotations
 
 import math
-import re
 from typing import Any
 
 import autograd.numpy as anp
@@ -43,6 +42,7 @@ from minilora._checks import check_choice, check_rank, check_real, check_rng
 from minilora.errors import MiniLoraValueError, ShapeError
 from minilora.layers import LORA_INITS, dense, dense_init, lora_dense, lora_init, merge, unmerge
 from minilora.ops import tanh
+from minilora.peft.targets import is_linear, pattern_value, target_matches, targeted_modules
 
 __all__ = [
     "BIAS_MODES",
@@ -165,54 +165,6 @@ def attention_forward(params: dict, x: Any, adapters: Any = None, *, n_heads: in
     return proj("head", h)
 
 
-# ---------------------------------------------------------------- target selection
-
-
-def _is_linear(layer: Any) -> bool:
-    return isinstance(layer, dict) and getattr(layer.get("W"), "ndim", 0) == 2
-
-
-def _name_matches(name: str, targets: Any) -> bool:
-    if isinstance(targets, str):
-        return re.fullmatch(targets, name) is not None
-    return name in targets or any(name.endswith(f".{t}") for t in targets)
-
-
-def target_matches(name: str, targets: Any, *, exclude: Any = None) -> bool:
-    """Whether PEFT would put LoRA on module ``name`` (rules in the module docstring; the
-    "all-linear" shorthand is resolved by ``targeted_modules``, which knows the model)."""
-    if exclude and _name_matches(name, exclude):
-        return False
-    return _name_matches(name, targets)
-
-
-def targeted_modules(params: dict, targets: Any, *, exclude: Any = None, output_layer: str | None = "auto") -> list[str]:
-    """Names of the layers of ``params`` that ``targets`` selects, in model order.
-
-    output_layer: the layer "all-linear" leaves out ("auto": the last layer; None: none).
-    Raises MiniLoraValueError when nothing matches (as PEFT does)."""
-    linear = [n for n, layer in params.items() if _is_linear(layer)]
-    if isinstance(targets, str) and targets.lower() == "all-linear":
-        out = linear[-1] if output_layer == "auto" and linear else output_layer
-        targets = [n for n in linear if n != out]  # exact names now
-        chosen = [n for n in linear if n in targets and not (exclude and _name_matches(n, exclude))]
-    else:
-        if not isinstance(targets, str | list | tuple | set | frozenset):
-            raise MiniLoraValueError(f"targets must be a str or a list of names; got {type(targets).__name__}")
-        chosen = [n for n in linear if target_matches(n, targets, exclude=exclude)]
-    if not chosen:
-        raise MiniLoraValueError(f"targets {targets!r} match no layer of the model; layers are {linear}")
-    return chosen
-
-
-def _pattern(patterns: dict | None, name: str, default: Any) -> Any:
-    """PEFT ``get_pattern_key``: the first key k with ``re.match(rf"(.*\\.)?({k})$", name)``."""
-    for key, value in (patterns or {}).items():
-        if re.match(rf"(.*\.)?({key})$", name):
-            return value
-    return default
-
-
 # ---------------------------------------------------------------- adding, merging, splitting
 
 
@@ -235,8 +187,8 @@ def add_lora(params: dict, targets: Any, rank: int, alpha: float, *, rng: Any, r
         layer = dict(params[name])
         if adapter in layer.get("lora", {}) or adapter in layer.get("merged", {}):
             raise MiniLoraValueError(f"layer {name!r} already has an adapter named {adapter!r}")
-        r = check_rank(_pattern(rank_pattern, name, rank), f"rank for {name!r}")
-        a = check_real(_pattern(alpha_pattern, name, alpha), f"alpha for {name!r}")
+        r = check_rank(pattern_value(rank_pattern, name, rank), f"rank for {name!r}")
+        a = check_real(pattern_value(alpha_pattern, name, alpha), f"alpha for {name!r}")
         s = a / math.sqrt(r) if use_rslora else a / r
         W = layer["W"]
         d_out, d_in = W.shape
@@ -385,7 +337,7 @@ def attach_peft_adapter(params: dict, adapter: Any, name: str = "default") -> di
                                  "lora_bias)")
     out = dict(params)
     for module, t in adapter.modules.items():
-        if module not in params or not _is_linear(params[module]) or adapter.kinds.get(module) == "embedding":
+        if module not in params or not is_linear(params[module]) or adapter.kinds.get(module) == "embedding":
             raise MiniLoraValueError(f"adapter module {module!r} is not a dense layer of the model "
                                      f"(layers: {list(params)})")
         layer = dict(out[module])
