@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 __all__ = [
+    "one_line",
     "MiniLoraError",
     "MiniLoraValueError",
     "MiniLoraTypeError",
@@ -49,3 +50,12 @@ class NonFiniteError(MiniLoraValueError):
 
 class BackendUnavailableError(MiniLoraError, ImportError):
     """An array backend that was asked for but is not installed."""
+
+
+def one_line(exc: BaseException, *, with_type: bool = True) -> str:
+    """``exc`` as one line for an error message: its text with whitespace collapsed, after its
+    type name (``"ValueError: bad shape"``; ``with_type=False``: the text alone)."""
+    text = " ".join(str(exc).split())
+    if not with_type:
+        return text
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

@@ -28,7 +28,27 @@ from minilora.backend import namespace_of
 from minilora.errors import MiniLoraTypeError, MiniLoraValueError
 from minilora.ops import add_into, div_into, mul_into
 
-__all__ = ["adam_init", "adam_step"]
+__all__ = ["ADAM_DEFAULTS", "adam_init", "adam_kwargs", "adam_step"]
+
+# Adam's hyper-parameters and their defaults (torch.optim.Adam's), the one list: adam_step's and
+# fit's keywords, the problems of minilora.testing and the golden vectors' options all follow it.
+ADAM_DEFAULTS: dict[str, Any] = {
+    "lr": 1e-3,
+    "betas": (0.9, 0.999),
+    "eps": 1e-8,
+    "weight_decay": 0.0,
+    "decoupled": False,
+    "amsgrad": False,
+    "maximize": False,
+}
+
+
+def adam_kwargs(options: Any) -> dict[str, Any]:
+    """The Adam keywords of ``options`` (a mapping: a problem's or a vector case's options), each
+    missing one at its ``ADAM_DEFAULTS`` value; other keys are left out; betas as a tuple."""
+    out = {k: options.get(k, v) for k, v in ADAM_DEFAULTS.items()}
+    out["betas"] = tuple(out["betas"])
+    return out
 
 
 def adam_init(params: Any, *, amsgrad: bool = False) -> dict:

@@ -37,15 +37,6 @@ def register(sub: Any) -> None:
     check.set_defaults(func=run)
 
 
-class _CheckProgress(Progress):
-    """``Progress`` showing which cases run, on a terminal only."""
-
-    def show(self, label: str, done: int, total: int) -> None:
-        if self.enabled:
-            self.stream.write(f"\r  checking {label:<16} {done:>5}/{total}")
-            self.stream.flush()
-
-
 def run(args: argparse.Namespace) -> int:
     try:
         import hypothesis  # noqa: F401  (the cases are drawn with it)
@@ -64,10 +55,10 @@ def run(args: argparse.Namespace) -> int:
         return fail(f"nothing to check: {args.target} runs none of the properties {args.properties or 'all'} in "
                     f"dtypes {args.dtype} (it supports {', '.join(adapter_dtypes(adapter))}; adam skips float16, "
                     "init runs in float32)")
-    progress = _CheckProgress(1)
+    progress = Progress()
     try:
         report = check(adapter, dtypes=args.dtype, properties=args.properties, max_examples=args.max_examples,
-                       seed=args.seed, progress=progress.show)
+                       seed=args.seed, progress=lambda label, done, total: progress.show(f"  checking {label:<16} {done:>5}/{total}"))
     finally:
         progress.close()
     report.target = args.target

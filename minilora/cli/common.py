@@ -33,20 +33,31 @@ def fail(message: str, code: int = 1) -> int:
 
 
 class Progress:
-    """A one-line progress indicator on a terminal; silent otherwise."""
+    """One progress line on a terminal, redrawn in place; silent when the stream is not a terminal.
 
-    def __init__(self, total: int, stream: Any = None) -> None:
+    ``show(line)`` draws any line (the check and sweep commands describe their cases with it);
+    called as ``fit``'s callback ``(step, loss, params, state)`` it shows the training step and loss
+    about every 1% of ``total`` steps. ``close()`` clears the line.
+    """
+
+    def __init__(self, total: int = 0, stream: Any = None) -> None:
         self.total = total
         self.stream = stream if stream is not None else sys.stderr
         self.enabled = self.stream.isatty()
         self.every = max(1, total // 100)
+        self.width = 0
 
-    def __call__(self, step: int, loss: float, params: Any, state: Any) -> None:
-        if self.enabled and (step % self.every == 0 or step == self.total):
-            self.stream.write(f"\r  step {step:>6}/{self.total}  loss {loss:12.6f}")
+    def show(self, line: str) -> None:
+        if self.enabled:
+            self.width = max(self.width, len(line))
+            self.stream.write("\r" + line.ljust(self.width))
             self.stream.flush()
 
+    def __call__(self, step: int, loss: float, params: Any, state: Any) -> None:
+        if step % self.every == 0 or step == self.total:
+            self.show(f"  step {step:>6}/{self.total}  loss {loss:12.6f}")
+
     def close(self) -> None:
-        if self.enabled:
-            self.stream.write("\r" + " " * 44 + "\r")
+        if self.enabled and self.width:
+            self.stream.write("\r" + " " * self.width + "\r")
             self.stream.flush()

@@ -5,11 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 from typing import Any
 
-from minilora.cli.common import fail, int_at_least
+from minilora.cli.common import Progress, fail, int_at_least
 from minilora.formats.fileio import atomic_open
 from minilora.study.plots import pyplot, save_png
 
@@ -45,25 +44,9 @@ def register(sub: Any) -> None:
     p.set_defaults(func=run)
 
 
-class _CaseProgress:
-    """``  case 3/8  synthetic r=4 seed 0`` redrawn in place on a terminal; silent otherwise."""
-
-    def __init__(self, stream: Any = None) -> None:
-        self.stream = stream if stream is not None else sys.stderr
-        self.enabled = self.stream.isatty()
-        self.width = 0
-
-    def __call__(self, done: int, total: int, record: dict) -> None:
-        if self.enabled:
-            line = f"  case {done}/{total}  {record['task']} r={record['rank']} seed {record['seed']}"
-            self.width = max(self.width, len(line))
-            self.stream.write("\r" + line.ljust(self.width))
-            self.stream.flush()
-
-    def close(self) -> None:
-        if self.enabled and self.width:
-            self.stream.write("\r" + " " * self.width + "\r")
-            self.stream.flush()
+def case_line(done: int, total: int, record: dict) -> str:
+    """``  case 3/8  synthetic r=4 seed 0``: the progress line of one finished case."""
+    return f"  case {done}/{total}  {record['task']} r={record['rank']} seed {record['seed']}"
 
 
 def _check_folder(option: str, path: str) -> str | None:
@@ -102,13 +85,13 @@ def run(args: argparse.Namespace) -> int:
         except (OSError, TimeoutError, ValueError) as exc:
             return fail(f"--scheduler: cannot connect to {args.scheduler!r} ({type(exc).__name__}: {exc})")
         executor = client.get_executor(pure=False)
-    progress = _CaseProgress()
+    progress = Progress()
     start = time.perf_counter()
     try:
         out = sweep(
             args.ranks, args.seeds, tasks=args.tasks, steps=args.steps, lr=args.lr,
             intrinsic_rank=args.intrinsic_rank, compare=tuple(args.compare) if args.compare else None,
-            executor=executor, max_workers=args.workers, on_result=progress,
+            executor=executor, max_workers=args.workers, on_result=lambda done, total, record: progress.show(case_line(done, total, record)),
         )
     finally:
         progress.close()

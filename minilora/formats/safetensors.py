@@ -32,7 +32,7 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-from minilora.errors import MiniLoraValueError
+from minilora.errors import MiniLoraValueError, one_line
 from minilora.formats.fileio import atomic_open
 
 __all__ = [
@@ -227,7 +227,7 @@ def _parse_header(data: bytes, where: str) -> tuple[dict, dict, int]:
     try:
         header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates, parse_constant=_refuse_constant)
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise SafetensorsError(f"{where}: corrupted header: not valid UTF-8 JSON ({_one_line(exc)})") from None
+        raise SafetensorsError(f"{where}: corrupted header: not valid UTF-8 JSON ({one_line(exc, with_type=False)})") from None
     if not isinstance(header, dict):
         raise SafetensorsError(f"{where}: corrupted header: expected a JSON object, got {type(header).__name__}")
     metadata = header.pop("__metadata__", {})
@@ -374,13 +374,10 @@ def _array(data: bytes, start: int, name: str, kind: str, shape: tuple[int, ...]
             raw = np.frombuffer(data, dtype=stored, count=(end - begin) // stored.itemsize,
                                 offset=start + begin).reshape(shape)
     except (ValueError, MemoryError, OverflowError) as exc:  # e.g. more than 64 dimensions
-        raise SafetensorsError(f"{where}: tensor {name!r}: shape {shape} is not usable ({_one_line(exc)})") from None
+        raise SafetensorsError(f"{where}: tensor {name!r}: shape {shape} is not usable ({one_line(exc, with_type=False)})") from None
     if kind == "BOOL" and raw.size and int(raw.view(np.uint8).max()) > 1:
         raise SafetensorsError(f"{where}: corrupted: tensor {name!r} of BOOL holds bytes other than 0 and 1")
     if kind == "BF16" and bf16 == "float32":
         return bf16_bits_to_float32(raw)
     return raw.astype(stored.newbyteorder("="), copy=True)
 
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split())

@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from minilora.errors import one_line
 from minilora.testing.adapters import adapter_dtypes, adapter_features, load_adapter
 from minilora.testing.compare import Comparison, compare
 from minilora.testing.problems import AdamProblem, LoraProblem, make_adam_problem, make_problem
@@ -170,10 +171,6 @@ def _worst(comparisons: list[Comparison]) -> Comparison:
     return max(comparisons, key=severity)
 
 
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
 
 def _run_layer(adapter: Any, p: LoraProblem, wanted: set, rows: dict) -> None:
     expected = _oracle(p)
@@ -188,7 +185,7 @@ def _run_layer(adapter: Any, p: LoraProblem, wanted: set, rows: dict) -> None:
             return getattr(adapter, method)(p)
         except Exception as exc:  # the adapter's failure is a result, not a crash of the check
             for prop in props:
-                rows[prop].fail(case, f"{method}() raised {_one_line(exc)}")
+                rows[prop].fail(case, f"{method}() raised {one_line(exc)}")
             return None
 
     if "forward" in wanted:
@@ -234,7 +231,7 @@ def _run_adam(adapter: Any, p: AdamProblem, row: PropertyResult) -> None:
     try:
         got = adapter.adam(p)
     except Exception as exc:
-        row.fail(case, f"adam() raised {_one_line(exc)}")
+        row.fail(case, f"adam() raised {one_line(exc)}")
         return
     if not isinstance(got, dict) or not {"A", "B"} <= set(got):
         row.fail(case, "adam() must return {'A': ..., 'B': ...}")
@@ -277,7 +274,7 @@ def _versions(adapter: Any) -> dict:
     try:
         out.update({str(k): str(v) for k, v in (adapter.versions() if hasattr(adapter, "versions") else {}).items()})
     except Exception as exc:
-        out["adapter_versions_error"] = _one_line(exc)
+        out["adapter_versions_error"] = one_line(exc)
     return out
 
 
@@ -332,6 +329,6 @@ def _run_init(adapter: Any, init: str, seed: int, row: PropertyResult) -> None:
     try:
         checks = _init_checks(adapter, init, seed)
     except Exception as exc:
-        row.fail(case, f"init() raised {_one_line(exc)}")
+        row.fail(case, f"init() raised {one_line(exc)}")
         return
     row.add(_worst(checks), case)

@@ -220,6 +220,7 @@ def adam_bounds(
     weight_decay: float = 0.0,
     decoupled: bool = False,
     amsgrad: bool = False,
+    maximize: bool = False,  # negates the gradients: the magnitudes, so the bounds, are the same
     reference: Any = "float64",
     safety: float = SAFETY,
 ) -> dict[str, np.ndarray]:

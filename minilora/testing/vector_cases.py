@@ -144,8 +144,9 @@ def _run_adam(a: dict, o: dict) -> dict[str, np.ndarray]:
 
 
 def _adam_kw(o: dict) -> dict:
-    return dict(lr=o["lr"], betas=tuple(o["betas"]), eps=o["eps"], weight_decay=o["weight_decay"],
-                decoupled=o["decoupled"], amsgrad=o["amsgrad"])
+    from minilora.optim import adam_kwargs
+
+    return adam_kwargs(o)
 
 
 def _adam_case(spec: dict, seed: int) -> tuple[dict, dict]:

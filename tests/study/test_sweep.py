@@ -320,12 +320,14 @@ def test_bad_case_and_intrinsic_rank() -> None:
 
 @pytest.mark.parametrize("tty", [True, False])
 def test_progress_on_a_terminal_only(tty: bool) -> None:
-    from minilora.cli.sweep import _CaseProgress
+    from minilora.cli.common import Progress
+    from minilora.cli.sweep import case_line
 
     stream = FakeTerminal(tty)
-    progress = _CaseProgress(stream)
+    progress = Progress(stream=stream)
     with cf.ThreadPoolExecutor(max_workers=1) as pool:
-        sweep([1, 2], tasks=["synthetic"], steps=3, executor=pool, on_result=progress)
+        sweep([1, 2], tasks=["synthetic"], steps=3, executor=pool,
+              on_result=lambda done, total, record: progress.show(case_line(done, total, record)))
     progress.close()
     if tty:
         assert "case 1/2  synthetic r=1 seed 0" in stream.text and "case 2/2  synthetic r=2 seed 0" in stream.text

@@ -245,6 +245,7 @@ def test_missing_class_and_missing_methods() -> None:
         load_adapter("broken_adapter:")
 
 
+@pytest.mark.compare
 @pytest.mark.parametrize(("target", "package"), [("peft", "peft"), ("loralib", "loralib"), ("torch", "torch")])
 def test_framework_not_installed(target: str, package: str) -> None:
     block = (

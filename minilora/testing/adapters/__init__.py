@@ -32,7 +32,7 @@ import sys
 from collections.abc import Iterator
 from typing import Any, Protocol, runtime_checkable
 
-from minilora.errors import MiniLoraError, MiniLoraValueError
+from minilora.errors import MiniLoraError, MiniLoraValueError, one_line
 
 __all__ = [
     "LoraAdapter",
@@ -106,10 +106,6 @@ def _quiet_logs() -> Iterator[None]:
         log.setLevel(level)
 
 
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
 
 def load_adapter(target: Any) -> Any:
     """An adapter instance for ``target``: 'torch', 'peft', 'loralib', 'module:Class' (or
@@ -139,7 +135,7 @@ def load_adapter(target: Any) -> Any:
                     importlib.import_module(package)
             except ImportError as exc:
                 raise FrameworkUnavailableError(
-                    f"target {target!r} needs {package}, which is not installed ({_one_line(exc)}); "
+                    f"target {target!r} needs {package}, which is not installed ({one_line(exc)}); "
                     "pip install 'minilora[compare]'"
                 ) from None
         return _from_spec(spec, target)
@@ -160,7 +156,7 @@ def _from_spec(spec: str, target: str) -> Any:
     try:
         module = importlib.import_module(module_name)
     except Exception as exc:  # any failure while importing user code is one line, not a traceback
-        raise TargetError(f"cannot import module {module_name!r} for target {target!r}: {_one_line(exc)}") from None
+        raise TargetError(f"cannot import module {module_name!r} for target {target!r}: {one_line(exc)}") from None
     obj = module
     for part in attr.split("."):
         if not hasattr(obj, part):
@@ -171,7 +167,7 @@ def _from_spec(spec: str, target: str) -> Any:
         try:
             obj = obj()
         except Exception as exc:
-            raise TargetError(f"creating the adapter {target!r} failed: {_one_line(exc)}") from None
+            raise TargetError(f"creating the adapter {target!r} failed: {one_line(exc)}") from None
     return _checked(obj, target)
 
 

@@ -72,10 +72,11 @@ class TorchBase:
     def run_adam(self, parameters: list, names: list[str], problem: Any) -> dict:
         """Feed ``problem.grads`` to torch.optim.Adam/AdamW over ``parameters`` (named
         ``names``: "A", "B") and return their final values."""
-        o = problem.options
-        cls = self.torch.optim.AdamW if o.get("decoupled") else self.torch.optim.Adam
-        opt = cls(parameters, lr=o.get("lr", 1e-3), betas=tuple(o.get("betas", (0.9, 0.999))),
-                  eps=o.get("eps", 1e-8), weight_decay=o.get("weight_decay", 0.0), amsgrad=o.get("amsgrad", False))
+        from minilora.optim import adam_kwargs
+
+        o = adam_kwargs(problem.options)
+        cls = self.torch.optim.AdamW if o.pop("decoupled") else self.torch.optim.Adam
+        opt = cls(parameters, **o)  # lr, betas, eps, weight_decay, amsgrad, maximize: torch's names
         for grads in problem.grads:
             for p, name in zip(parameters, names, strict=True):
                 p.grad = self.tensor(grads[name], p.dtype)
