@@ -58,7 +58,7 @@ def tree_flatten(tree: Any) -> tuple[list, Callable[[Any], Any]]:
     from new leaves. A flat dict of arrays, the usual adapter, takes a fast path."""
     if type(tree) is dict and not any(isinstance(v, dict | list | tuple) for v in tree.values()):
         keys = list(tree)
-        return list(tree.values()), lambda values: dict(zip(keys, values, strict=True))
+        return list(tree.values()), lambda values: dict(zip(keys, values, strict=False))
     return tree_leaves(tree), lambda values: tree_unflatten(tree, values)
 
 
