@@ -1,19 +1,27 @@
-"""Time one LoRA training step: minilora, PyTorch eager (CPU), and the BLAS floor.
+"""Time one LoRA training step: minilora, PyTorch eager (CPU), JAX (jit, CPU) and the BLAS floor.
 
 A step is: lora forward y = x W^T + s (x A^T) B^T, the loss (MSE or L1, mean), the gradients
-for A and B (W is frozen), and one Adam update of A and B. The three contenders, in one process:
+for A and B (W is frozen), and one Adam update of A and B. The contenders, in one process:
 
     minilora  value_and_grad(loss)(lora, frozen, x, y) + adam_step
     torch     the same with nn.Parameter A, B, F.linear, F.mse_loss / F.l1_loss, backward,
               torch.optim.Adam (skipped with a note when torch is not installed)
+    jax       one jax.jit of jax.value_and_grad(loss) + optax.adam's update, with W, x, y passed
+              as arguments (not baked in as constants) and block_until_ready on the results, the
+              same hyper-parameters as the others (lr 1e-4, betas (0.9, 0.999), eps 1e-8, no
+              decay); float64 through jax_enable_x64. Compiled by an untimed check before the
+              timing (two steps from the same arrays as minilora's, compared with minilora's
+              loss, A and B: the jax_check_rel_diff key). Skipped with a note when JAX or optax
+              is not installed; JAX is not a dependency of minilora or of its tests.
     floor     only the matrix products the step cannot avoid, as bare NumPy calls:
               x W^T, x A^T, (x A^T) B^T for the forward; G B, (G B)^T x, G^T (x A^T) for
               the gradients (G the loss gradient, given)
 
 Each contender runs in blocks of repeated calls after a warm-up, three block cycles (the floor
-and minilora taking turns of a few calls in shared blocks, torch in blocks of its own); medians
-are reported, and the ratios minilora/floor and minilora/torch are measured in the same run.
-The threads are the defaults of both libraries (all cores). Usage:
+and minilora taking turns of a few calls in shared blocks, torch and JAX each in blocks of their
+own); medians are reported, and the ratios minilora/floor, minilora/torch and minilora/jax are
+measured in the same run. The threads are the defaults of the libraries (all cores). The first
+shape of both lists, (32, 100, 100, 4), is the seed experiment's step (bench_seed.py). Usage:
 
     python benchmarks/bench_step.py [--quick] [--json PATH] [--repeat N] [--shapes NxDINxDOUTxR ...]
 """
@@ -21,12 +29,14 @@ The threads are the defaults of both libraries (all cores). Usage:
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
 import statistics
 import sys
 import time
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -44,7 +54,8 @@ LOSSES = ("mse", "l1")
 
 # Worker threads (torch's OpenMP threads, OpenBLAS's) keep spinning for a while after each
 # parallel region, taking the cores from whatever the other library runs next. torch therefore
-# runs in blocks of its own, separated from the others by a pause longer than that spin, and the
+# runs in blocks of its own, separated from the others by a pause longer than that spin (JAX too:
+# XLA's CPU thread pool is Eigen's, whose idle workers also spin before they sleep), and the
 # block cycle repeats so that slow drifts of the machine's load hit every contender alike. The floor and
 # minilora, both NumPy, share their blocks in short runs (RUN calls of one after an untimed call
 # that leaves the caches as a training loop would, then RUN of the other, ...), so the ratio
@@ -110,10 +121,10 @@ def minilora_step(c: dict, loss: str) -> Any:
     box["state"] = ml.adam_init(box["lora"])
 
     def step() -> None:
-        _, g = vg(box["lora"], frozen, c["x"], c["y"])
+        box["loss"], g = vg(box["lora"], frozen, c["x"], c["y"])
         box["lora"], box["state"] = ml.adam_step(box["lora"], g, box["state"], lr=1e-4)
 
-    step.box = box  # type: ignore[attr-defined]  # the adapter and state, for profile_step's check
+    step.box = box  # type: ignore[attr-defined]  # the adapter, state and loss, for the checks
     return step
 
 
@@ -150,8 +161,99 @@ def torch_step(c: dict, loss: str, torch: Any) -> Any:
     return step
 
 
-def run(shapes: list, repeat: int, torch: Any) -> list[dict]:
+def import_jax() -> Any:
+    """JAX and optax (as .jax, .jnp, .optax) with float64 enabled, or None when either is missing.
+    Imported here, never at module level: minilora and these scripts do not need JAX."""
+    try:
+        import jax
+    except ImportError:
+        return None
+    jax.config.update("jax_enable_x64", True)  # before any JAX array exists: float64 stays float64
+    try:
+        import optax
+    except ImportError:
+        return None
+    return SimpleNamespace(jax=jax, jnp=jax.numpy, optax=optax)
+
+
+JAX_NOTE = ("note: jax (or optax) is not installed; the jax columns are skipped "
+            "(pip install jax optax; JAX is not a dependency of minilora or of its tests)")
+
+
+@functools.cache
+def jax_train_step(loss: str, lr: float, scale: float, fan_in_fan_out: bool = False) -> tuple[Any, Any]:
+    """(optax.adam(lr), step): ``step(lora, opt_state, W, x, y) -> (lora, opt_state, loss)``, one
+    jax.jit of the whole step: the loss of y = x W^T + s (x A^T) B^T (x W + ... with
+    ``fan_in_fan_out``, W stored (d_in, d_out)), its gradient for lora = {"A", "B"}, and optax's
+    Adam update. The data are arguments, so XLA compiles once per shape and dtype; cached, so
+    every caller with the same settings shares the compiled steps."""
+    jx = import_jax()
+    jax, jnp, optax = jx.jax, jx.jnp, jx.optax
+    opt = optax.adam(lr, b1=0.9, b2=0.999, eps=1e-8)  # torch.optim.Adam's and minilora's defaults
+
+    def objective(lora: dict, W: Any, x: Any, y: Any) -> Any:
+        base = x @ W if fan_in_fan_out else x @ W.T
+        d = base + scale * ((x @ lora["A"].T) @ lora["B"].T) - y
+        return jnp.mean(d * d) if loss == "mse" else jnp.mean(jnp.abs(d))
+
+    def step(lora: dict, state: Any, W: Any, x: Any, y: Any) -> tuple[Any, Any, Any]:
+        value, grads = jax.value_and_grad(objective)(lora, W, x, y)
+        updates, state = opt.update(grads, state, lora)
+        return optax.apply_updates(lora, updates), state, value
+
+    return opt, jax.jit(step)
+
+
+def jax_step(c: dict, loss: str, jx: Any) -> Any:
+    """One JAX training step as a function of no arguments, like minilora_step; the arrays are
+    moved to JAX once, here, and each call waits for its results (block_until_ready)."""
+    opt, train = jax_train_step(loss, 1e-4, c["scale"])
+    W, x, y = (jx.jnp.asarray(c[k]) for k in ("W", "x", "y"))
+    lora = {"A": jx.jnp.array(c["A"], copy=True), "B": jx.jnp.array(c["B"], copy=True)}
+    box = {"lora": lora, "state": opt.init(lora), "loss": None}
+    ready = jx.jax.block_until_ready
+
+    def step() -> None:
+        box["lora"], box["state"], box["loss"] = ready(train(box["lora"], box["state"], W, x, y))
+
+    step.box = box  # type: ignore[attr-defined]
+    return step
+
+
+def rel_diff(actual: Any, expected: Any) -> float:
+    """||actual - expected|| / ||expected|| in float64 (0 when both are zero)."""
+    a, b = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+    if a.shape != b.shape:
+        raise ValueError(f"shapes differ: {a.shape} and {b.shape}")
+    return float(np.linalg.norm(a - b) / max(float(np.linalg.norm(b)), np.finfo(np.float64).tiny))
+
+
+def step_rel_diff(expected: dict, actual: dict) -> float:
+    """The largest relative difference of the loss, A and B between two steps' boxes."""
+    return max([rel_diff(actual["loss"], expected["loss"])]
+               + [rel_diff(actual["lora"][k], expected["lora"][k]) for k in ("A", "B")])
+
+
+# Two Adam steps from the same arrays, computed in a different order of operations (XLA fuses and
+# reorders; optax divides m and v by their bias corrections where torch and minilora fold them
+# into lr and the denominator): measured below 1e-15 (float64) and 2e-7 (float32) relative on
+# this project's cases, a few roundings; the tolerance leaves a factor of about 100.
+JAX_CHECK_TOL = {"float64": 1e-13, "float32": 2e-5}
+
+
+def check_jax(c: dict, loss: str, jx: Any, steps: int = 2) -> float:
+    """Run minilora's and JAX's step ``steps`` times from the same arrays; the step_rel_diff.
+    Also compiles JAX's step for this case, outside any timed call."""
+    mini, other = minilora_step(c, loss), jax_step(c, loss, jx)
+    for _ in range(steps):
+        mini()
+        other()
+    return step_rel_diff(mini.box, other.box)  # type: ignore[attr-defined]
+
+
+def run(shapes: list, repeat: int, torch: Any, jx: Any = None) -> list[dict]:
     records = []
+    jax_xW = None if jx is None else jx.jax.jit(lambda a, b: a @ b.T)  # the frozen product alone
     for n, d_in, d_out, r in shapes:
         for dtype in DTYPES:
             c = make_case(n, d_in, d_out, r, dtype)
@@ -163,8 +265,15 @@ def run(shapes: list, repeat: int, torch: Any) -> list[dict]:
                     tx, tW = torch.from_numpy(x), torch.from_numpy(W)
                     groups.append({"torch": torch_step(c, loss, torch),
                                    "torch_xW": lambda tx=tx, tW=tW: torch.nn.functional.linear(tx, tW)})
+                check = None
+                if jx is not None:
+                    check = check_jax(c, loss, jx)  # compiles the step, before the timing
+                    jW, jxx = jx.jnp.asarray(W), jx.jnp.asarray(x)
+                    groups.append({"jax": jax_step(c, loss, jx),
+                                   "jax_xW": lambda a=jxx, b=jW: jax_xW(a, b).block_until_ready()})
+                    groups[-1]["jax_xW"]()  # compile
                 med = median_times(groups, reps)
-                floor_s, mini_s, torch_s = med["floor"], med["minilora"], med.get("torch")
+                floor_s, mini_s, torch_s, jax_s = med["floor"], med["minilora"], med.get("torch"), med.get("jax")
                 records.append({
                     "name": f"n{n}_in{d_in}_out{d_out}_r{r}_{dtype}_{loss}",
                     "dtype": dtype, "n": n, "d_in": d_in, "d_out": d_out, "r": r, "loss": loss,
@@ -172,6 +281,11 @@ def run(shapes: list, repeat: int, torch: Any) -> list[dict]:
                     # the frozen product alone, NumPy's BLAS and torch's: how much of the two
                     # steps' difference is their BLAS libraries rather than their step code
                     "numpy_xW_s": med["xW"], "torch_xW_s": med.get("torch_xW"),
+                    "jax_s": jax_s, "minilora_over_jax": None if jax_s is None else mini_s / jax_s,
+                    "jax_xW_s": med.get("jax_xW"),
+                    # loss, A and B after two steps of each from the same arrays (check_jax)
+                    "jax_check_rel_diff": check,
+                    "jax_check_ok": None if check is None else check <= JAX_CHECK_TOL[dtype],
                 })
                 print_row(records[-1])
     return records
@@ -179,24 +293,33 @@ def run(shapes: list, repeat: int, torch: Any) -> list[dict]:
 
 def print_header() -> None:
     print(f"{'n':>5} {'d_in':>5} {'d_out':>5} {'r':>3} {'dtype':>8} {'loss':>4} "
-          f"{'minilora ms':>12} {'torch ms':>10} {'floor ms':>9} {'mini/floor':>10} {'mini/torch':>10} "
-          f"{'xW^T torch/numpy':>16}")
+          f"{'minilora ms':>12} {'torch ms':>10} {'jax ms':>9} {'floor ms':>9} {'mini/floor':>10} "
+          f"{'mini/torch':>10} {'mini/jax':>8} {'xW^T torch/numpy':>16} {'xW^T jax/numpy':>14} "
+          f"{'jax check':>9}")
 
 
 def print_row(rec: dict) -> None:
-    t = rec["torch_s"]
-    torch_ms = "-" if t is None else f"{t * 1e3:.3f}"
-    vs_torch = "-" if t is None else f"{rec['minilora_s'] / t:.2f}"
-    blas = "-" if rec.get("torch_xW_s") is None else f"{rec['torch_xW_s'] / rec['numpy_xW_s']:.2f}"
+    def ms(key: str) -> str:
+        return "-" if rec.get(key) is None else f"{rec[key] * 1e3:.3f}"
+
+    def ratio(num: str, den: str) -> str:
+        return "-" if rec.get(num) is None or rec.get(den) is None else f"{rec[num] / rec[den]:.2f}"
+
+    check = "-" if rec.get("jax_check_rel_diff") is None else (
+        f"{rec['jax_check_rel_diff']:.0e}" + ("" if rec["jax_check_ok"] else " FAIL"))
     print(f"{rec['n']:>5} {rec['d_in']:>5} {rec['d_out']:>5} {rec['r']:>3} {rec['dtype']:>8} {rec['loss']:>4} "
-          f"{rec['minilora_s'] * 1e3:>12.3f} {torch_ms:>10} {rec['floor_s'] * 1e3:>9.3f} "
-          f"{rec['minilora_s'] / rec['floor_s']:>10.2f} {vs_torch:>10} {blas:>16}", flush=True)
+          f"{rec['minilora_s'] * 1e3:>12.3f} {ms('torch_s'):>10} {ms('jax_s'):>9} {rec['floor_s'] * 1e3:>9.3f} "
+          f"{rec['minilora_s'] / rec['floor_s']:>10.2f} {ratio('minilora_s', 'torch_s'):>10} "
+          f"{ratio('minilora_s', 'jax_s'):>8} {ratio('torch_xW_s', 'numpy_xW_s'):>16} "
+          f"{ratio('jax_xW_s', 'numpy_xW_s'):>14} {check:>9}", flush=True)
 
 
-def environment(torch: Any) -> dict:
+def environment(torch: Any, jx: Any = None) -> dict:
     env = {
         "python": platform.python_version(), "numpy": np.__version__, "minilora": ml.__version__,
-        "torch": getattr(torch, "__version__", None), "machine": platform.machine(),
+        "torch": getattr(torch, "__version__", None),
+        "jax": None if jx is None else jx.jax.__version__, "optax": None if jx is None else jx.optax.__version__,
+        "machine": platform.machine(),
         "cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
     }
     try:
@@ -241,6 +364,9 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         torch = None
         print("note: torch is not installed; the torch column is skipped (pip install -e '.[compare]')")
+    jx = None if args.plot_from else import_jax()
+    if jx is None and not args.plot_from:
+        print(JAX_NOTE)
     if args.plot_from:
         if not args.plot:
             p.error("--plot-from needs --plot PATH")
@@ -255,31 +381,36 @@ def main(argv: list[str] | None = None) -> int:
         CYCLES, BLOCK_S = 2, 0.2
     repeat = args.repeat
     print_header()
-    records = run(shapes, repeat, torch)
+    records = run(shapes, repeat, torch, jx)
     if args.json:
-        env = environment(torch)
+        env = environment(torch, jx)
         with atomic_open(args.json, "w") as fh:
             json.dump([{**rec, "environment": env} for rec in records], fh, indent=1)
         print(f"wrote {args.json}")
     if args.plot:
         plot(records, args.plot)
+    if any(r["jax_check_ok"] is False for r in records):
+        print("FAIL: JAX's step disagrees with minilora's beyond JAX_CHECK_TOL (the jax check column)")
+        return 1
     return 0
 
 
 def plot(records: list[dict], path: str) -> None:
-    """Step time per case for the three contenders, log scale, written atomically."""
+    """Step time per case for the contenders, log scale, written atomically."""
     labels = [f"{r['n']}x{r['d_in']}x{r['d_out']}x{r['r']} f{r['dtype'][5:]} {r['loss']}" for r in records]
     xs = np.arange(len(records))
     fig, ax = pyplot().subplots(figsize=(max(8, 0.7 * len(records)), 5))
-    series = ((-0.27, "floor_s", "BLAS floor"), (0, "minilora_s", "minilora"), (0.27, "torch_s", "torch"))
-    for offset, key, name in series:
+    series = [("floor_s", "BLAS floor"), ("minilora_s", "minilora"), ("torch_s", "torch"), ("jax_s", "jax (jit)")]
+    series = [s for s in series if any(r.get(s[0]) for r in records)]
+    width = 0.8 / len(series)
+    for i, (key, name) in enumerate(series):
         vals = [r[key] * 1e3 if r.get(key) else np.nan for r in records]
-        ax.bar(xs + offset, vals, width=0.27, label=name)
+        ax.bar(xs + (i - (len(series) - 1) / 2) * width, vals, width=width, label=name)
     ax.set_yscale("log")
     ax.set_ylabel("one training step (ms)")
     ax.set_xticks(xs, labels, fontsize=7, rotation=35, ha="right")
     ax.legend()
-    ax.set_title("LoRA training step: minilora, PyTorch eager (CPU) and the matrix products alone")
+    ax.set_title("LoRA training step: minilora, PyTorch eager, JAX jit (CPU) and the matrix products alone")
     fig.tight_layout()
     save_png(fig, path, dpi=110)
     print(f"wrote {path}")

@@ -66,9 +66,9 @@ class Clock:
 
 def instrumented_step(c: dict, loss: str, clock: Clock) -> tuple[Any, dict]:
     """minilora's NumPy step, operation by operation, as ``ops.lora_linear`` (forward and VJP for
-    A and B, no bias, no mask), ``losses.mse_loss_op``/``l1_loss_op`` (mean; forward, L1's in blocks
-    for large arrays, and VJP, the gradient written over the kept d or sign(d)) and
-    ``optim.adam_apply`` compute it."""
+    A and B, no bias, no mask; the VJP forms h = s (x A^T) again, nothing is kept from the
+    forward), ``losses.mse_loss_op``/``l1_loss_op`` (mean; the forward reduces d in blocks of
+    ``losses.BLOCK``, the VJP forms d again) and ``optim.adam_apply`` compute it."""
     W, x, t, s = c["W"], c["x"], c["y"], c["scale"]
     box = {"lora": {"A": c["A"].copy(), "B": c["B"].copy()}}
     box["state"], opts = ml.adam_init(box["lora"]), adam_options(lr=1e-4)
@@ -82,24 +82,17 @@ def instrumented_step(c: dict, loss: str, clock: Clock) -> tuple[Any, dict]:
         y = clock("x W^T", "floor", lambda: x @ W.T)
         z = clock("h B^T", "floor", lambda: h @ B.T)
         y = clock("y + h B^T (in place)", "extra", lambda: np.add(y, z, out=y))
-        grad_name = "G = d * (2/N) (in place)" if loss == "mse" else "G = sign(d) * (1/N) (in place)"
-        c_ = (2.0 / N) * one if loss == "mse" else one / N
-        if loss == "l1" and losses._blockable(y, t):  # large arrays: L1's forward runs block by block
-            kept, _ = clock("blocks: d = y - t, sign(d), sign . d", "extra",
-                            lambda: losses._blocked_l1(y, t))
-        else:
-            d = clock("d = y - t", "extra", lambda: y - t)
-            if loss == "mse":
-                kept = d
-                clock("loss: vdot(d, d) / N", "extra", lambda: np.vdot(d, d) / N)
-            else:
-                kept = clock("sign(d)", "extra", lambda: np.sign(d))
-                clock("loss: vdot(sign(d), d) / N", "extra", lambda: np.vdot(kept, d) / N)
-        G = clock(grad_name, "extra", lambda: np.multiply(kept, c_, out=kept))
+        clock("loss: blocked sum of |d| or d * d" if N > losses.BLOCK else "loss: sum of |d| or d * d", "extra",
+              lambda: losses._reduce(y, t, square=loss == "mse") / N)
+        g = one  # the loss's cotangent, as autograd seeds it
+        c_ = (2.0 / N) * g if loss == "mse" else g / N
+        G = clock("G = (y - t) * c" if loss == "mse" else "G = sign(y - t) * c", "extra",
+                  lambda: losses._scaled_d(y, t, c_, sign=loss == "l1"))
         gB = clock("G B", "floor", lambda: G @ B)
         gB = clock("(G B) * s", "extra", lambda: gB * s)
         dA = clock("(G B)^T x", "floor", lambda: gB.T @ x)
-        dB = clock("G^T h", "floor", lambda: G.T @ h)
+        h2 = clock("h = (x A^T) * s again (the VJP's)", "extra", lambda: (x @ A.T) * s)
+        dB = clock("G^T h", "floor", lambda: G.T @ h2)
         box["lora"], box["state"] = clock("Adam on A and B", "extra",
                                           lambda: adam_apply(box["lora"], {"A": dA, "B": dB}, box["state"], opts))
 

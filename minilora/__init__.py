@@ -29,7 +29,7 @@ from minilora.layers import (
 )
 from minilora.losses import l1_loss, mse_loss
 from minilora.optim import adam_init, adam_step
-from minilora.train import count_params, fit, grad, value_and_grad
+from minilora.train import count_params, fit, grad, hvp, value_and_grad
 
 __version__ = "0.1.0"
 
@@ -89,6 +89,7 @@ __all__ = [
     "adam_step",
     # training
     "grad",
+    "hvp",
     "value_and_grad",
     "count_params",
     "fit",

@@ -288,8 +288,15 @@ class ForeignArrayVSpace(VSpace):
     def randn(self) -> Any:
         return self._from_host(np.random.randn(*self.shape))
 
+    def _add(self, x: Any, y: Any) -> Any:
+        if isinstance(x, Box) or isinstance(y, Box):  # a derivative being differentiated again
+            from minilora.array_ops import add
+
+            return add(x, y)
+        return x + y
+
     def _mut_add(self, x: Any, y: Any) -> Any:
-        return x + y  # not in place: some namespaces have read-only or immutable arrays
+        return self._add(x, y)  # not in place: some namespaces have read-only or immutable arrays
 
     def _inner_prod(self, x: Any, y: Any) -> Any:
         return self.xp.sum(self.xp.reshape(x, (-1,)) * self.xp.reshape(y, (-1,)))

@@ -1,26 +1,30 @@
-"""The closed set of differentiable primitives, each with its hand-written VJP (and JVP).
+"""The closed set of differentiable LoRA primitives, each with its VJP and JVP.
 
 Like autograd's ``numpy_vjps.py``, the derivative formulas sit in one table at the bottom of
-this file. Every primitive computes in the array namespace of its inputs (NumPy, CuPy,
-array_api_strict, ...), so only these functions need to sit on a gradient path off NumPy.
+this file, and they are written in differentiable operations (``minilora.array_ops``), so every
+primitive can be differentiated to any order, in forward and reverse mode: grad of grad,
+Hessian-vector products (``minilora.hvp``), JVPs of gradients. A formula whose inputs are plain
+arrays (the usual first-order gradient) runs on them directly, without autograd's wrappers; when
+any input is itself being traced it runs on ``array_ops``' primitives. Every primitive computes
+in the array namespace of its inputs (NumPy, CuPy, array_api_strict, ...).
+
+Nothing is kept between a forward and its derivative: a VJP needs only the primitive's inputs
+(what the forward computed on the way, such as lora_linear's h = s (x * mask) A^T, it computes
+again: one (n, d_in) x (d_in, r) product).
 
 Shapes (PyTorch/PEFT layout; ``...`` is any number of batch dimensions):
     x (..., d_in)    W (d_out, d_in), or (d_in, d_out) when fan_in_fan_out
     b (d_out,)       A (r, d_in)        B (d_out, r)        mask: x's shape (or None)
-
-Primitives are differentiable once (first order, forward and reverse); the derivative
-functions themselves are plain array code, not traced again.
 """
 
 from __future__ import annotations
 
-import threading
-import weakref
 from typing import Any
 
 import numpy as np
 from autograd.extend import defjvp, defjvp_argnums, defvjp, defvjp_argnums, primitive
 
+from minilora.array_ops import RAW, TRACED, pack_ab, traced
 from minilora.backend import namespace_of
 
 __all__ = [
@@ -35,23 +39,30 @@ def flat_rows(a: Any, d: int, xp: Any) -> Any:
 
 
 def add_into(y: Any, z: Any) -> Any:
-    """y + z, written into y when y is a NumPy array (y must be a temporary this module made)."""
+    """y + z, written into y when y is a NumPy array (y must be a temporary the caller made)."""
     return np.add(y, z, out=y) if type(y) is np.ndarray else y + z
 
 
 def mul_into(y: Any, z: Any) -> Any:
-    """y * z, written into y when y is a NumPy array (y must be a temporary this module made)."""
+    """y * z, written into y when y is a NumPy array (y must be a temporary the caller made)."""
     return np.multiply(y, z, out=y) if type(y) is np.ndarray else y * z
 
 
 def div_into(y: Any, z: Any) -> Any:
-    """y / z, written into y when y is a NumPy array (y must be a temporary this module made)."""
+    """y / z, written into y when y is a NumPy array (y must be a temporary the caller made)."""
     return np.divide(y, z, out=y) if type(y) is np.ndarray else y / z
 
 
 def right_factor(W: Any, fan_in_fan_out: bool) -> Any:
     """The base weight as a (d_in, d_out) right factor: ``x @ right_factor(W)``."""
     return W if fan_in_fan_out else W.T
+
+
+def count_elements(a: Any) -> int:
+    n = 1
+    for s in a.shape:
+        n *= s
+    return n
 
 
 # ---------------------------------------------------------------- forward definitions
@@ -92,41 +103,7 @@ def lora_linear(
     xm = x if mask is None else x * mask
     h = mul_into(xp.matmul(xm, A.T), scale)  # (..., r)
     y = add_into(xp.matmul(x, right_factor(W, fan_in_fan_out)), xp.matmul(h, B.T))
-    y = y if b is None else add_into(y, b)
-    _remember_h(y, h)
-    return y
-
-
-# Some VJPs need an array their forward has just computed (lora_linear's h = s (x * mask) A^T
-# for the gradient of B, the losses' d = pred - target). autograd calls a primitive's VJP maker right after
-# its forward, so the forward leaves that array in a per-thread memo slot keyed by the identity
-# of an array of the call (a weak reference, so the memo keeps nothing alive but the value), and
-# the VJP maker takes it from there, or recomputes it when the slot holds another call's. It
-# never changes a result: either way the VJP gets the same values. A slot holds one array.
-_memo = threading.local()
-
-
-def _remember(slot: str, key: Any, value: Any) -> None:
-    try:
-        setattr(_memo, slot, (weakref.ref(key), value))
-    except TypeError:  # an array type without weak references: the VJP recomputes
-        setattr(_memo, slot, None)
-
-
-def _recall(slot: str, key: Any) -> Any:
-    entry = getattr(_memo, slot, None)
-    if entry is not None and entry[0]() is key:
-        setattr(_memo, slot, None)
-        return entry[1]
-    return None
-
-
-def _remember_h(y: Any, h: Any) -> None:
-    _remember("h", y, h)
-
-
-def _recall_h(y: Any) -> Any:
-    return _recall("h", y)
+    return y if b is None else add_into(y, b)
 
 
 @primitive
@@ -159,129 +136,120 @@ def tanh(x: Any) -> Any:
     return namespace_of(x).tanh(x)
 
 
-def count_elements(a: Any) -> int:
-    n = 1
-    for s in a.shape:
-        n *= s
-    return n
-
-
 # ---------------------------------------------------------------- the derivative table
 #
 # Notation: g is the cotangent of the output (same shape as y), G = g folded to (n, d_out),
-# X = x folded to (n, d_in), Xm = (x * mask) folded, H = Xm A^T (n, r).
+# X = x folded to (n, d_in), Xm = (x * mask) folded, H = s Xm A^T (n, r).
 #
 #   linear:       dx = g W             dW = G^T X  (fif: X^T G)     db = sum_n G
 #   lora_linear:  dx = g W + s (g B A) * mask       dW, db as linear
-#                 dA = s (G B)^T Xm    dB = s G^T H                 dmask = s (g B A) * x
-#                 (H from the forward, see _remember)
+#                 dA = s (G B)^T Xm    dB = G^T H                   dmask = s (g B A) * x
 #   lora_linear_tree: as lora_linear, with (dA, dB) returned as the dict {"A": dA, "B": dB}
 #   lora_delta:   dA = s B^T g         dB = s g A^T                 (fif: g transposed first)
 #   tanh:         dx = g (1 - tanh(x)^2)
 #
+# and the tangents (JVPs) are the same products with one input replaced by its tangent. ``o`` is
+# ``array_ops.RAW`` or ``array_ops.TRACED``: the one formula, run on plain arrays or traced.
 # The losses' primitives and their derivatives are in ``minilora.losses``; DoRA's and the LoRA
 # embedding's in ``minilora.variants.primitives``.
+
+
+def _lora_args(args: tuple, kwargs: dict) -> tuple:
+    x, W, b, A, B = args[:5]
+    mask = args[5] if len(args) > 5 else kwargs.get("mask")
+    return x, W, b, A, B, mask, kwargs.get("scale", 1.0), kwargs.get("fan_in_fan_out", False)
+
+
+def _lora_cotangents(o: Any, argnums: tuple[int, ...], g: Any, x: Any, W: Any, A: Any, B: Any, mask: Any,
+                     scale: float, fif: bool) -> list[Any]:
+    """The VJP of lora_linear (A, B None: of linear) for the arguments ``argnums``."""
+    d_in, d_out = x.shape[-1], g.shape[-1]
+    need = set(argnums)
+    gB = o.mul(o.matmul(g, B), scale) if A is not None and need & {0, 3, 5} else None  # (..., r): s g B
+    xm = x if mask is None else o.mul(x, mask)
+    out = []
+    for i in argnums:
+        if i == 0:
+            gx = o.matmul(g, o.T(W) if fif else W)
+            if A is not None:
+                back = o.matmul(gB, A)  # (..., d_in)
+                gx = o.add(gx, back if mask is None else o.mul(back, mask))
+            out.append(gx)
+        elif i == 1:
+            G, X = o.rows(g, d_out), o.rows(x, d_in)
+            out.append(o.matmul(o.T(X), G) if fif else o.matmul(o.T(G), X))
+        elif i == 2:
+            out.append(o.sum_to(o.rows(g, d_out), (d_out,)))
+        elif i == 3:
+            out.append(o.matmul(o.T(o.rows(gB, A.shape[0])), o.rows(xm, d_in)))
+        elif i == 4:
+            H = o.mul(o.matmul(o.rows(xm, d_in), o.T(A)), scale)  # (n, r), the forward's h again
+            out.append(o.matmul(o.T(o.rows(g, d_out)), H))
+        else:
+            out.append(o.mul(o.matmul(gB, A), x))
+    return out
+
+
+def _lora_tangent(o: Any, argnums: tuple[int, ...], ts: list, ans: Any, x: Any, W: Any, A: Any, B: Any,
+                  mask: Any, scale: float, fif: bool) -> Any:
+    """The JVP of lora_linear (A, B None: of linear) along the tangents ``ts`` of ``argnums``."""
+    Wt = W if fif else o.T(W)  # (d_in, d_out)
+    xm = x if mask is None else o.mul(x, mask)
+
+    def low_rank(z: Any, A_: Any, B_: Any) -> Any:
+        return o.matmul(o.mul(o.matmul(z, o.T(A_)), scale), o.T(B_))
+
+    out = None
+    for i, t in zip(argnums, ts, strict=True):
+        if i == 0:
+            term = o.matmul(t, Wt)
+            if A is not None:
+                term = o.add(term, low_rank(t if mask is None else o.mul(t, mask), A, B))
+        elif i == 1:
+            term = o.matmul(x, t if fif else o.T(t))
+        elif i == 2:
+            term = o.broadcast_to(t, tuple(ans.shape))
+        elif i == 3:
+            term = low_rank(xm, t, B)
+        elif i == 4:
+            term = low_rank(xm, A, t)
+        else:
+            term = low_rank(o.mul(x, t), A, B)
+        out = term if out is None else o.add(out, term)
+    return out
 
 
 def _linear_vjp(argnums: tuple[int, ...], ans: Any, args: tuple, kwargs: dict) -> Any:
     x, W = args[0], args[1]
     fif = kwargs.get("fan_in_fan_out", False)
-    xp = namespace_of(x, W)
 
     def vjp(g: Any) -> list[Any]:
-        d_out = g.shape[-1]
-        out = []
-        for i in argnums:
-            if i == 0:
-                out.append(xp.matmul(g, W.T if fif else W))
-            elif i == 1:
-                G, X = flat_rows(g, d_out, xp), flat_rows(x, x.shape[-1], xp)
-                out.append(xp.matmul(X.T, G) if fif else xp.matmul(G.T, X))
-            else:
-                out.append(xp.sum(flat_rows(g, d_out, xp), axis=0))
-        return out
+        o = TRACED if traced(g, x, W) else RAW
+        return _lora_cotangents(o, argnums, g, x, W, None, None, None, 1.0, fif)
 
     return vjp
 
 
 def _linear_jvp(argnums: tuple[int, ...], gs: list, ans: Any, args: tuple, kwargs: dict) -> Any:
     x, W = args[0], args[1]
-    fif = kwargs.get("fan_in_fan_out", False)
-    xp = namespace_of(x, W)
-    out = None
-    for i, t in zip(argnums, gs, strict=True):
-        if i == 0:
-            term = xp.matmul(t, right_factor(W, fif))
-        elif i == 1:
-            term = xp.matmul(x, right_factor(t, fif))
-        else:
-            term = xp.broadcast_to(t, ans.shape)
-        out = term if out is None else out + term
-    return out
+    o = TRACED if traced(x, W, *gs) else RAW
+    return _lora_tangent(o, argnums, gs, ans, x, W, None, None, None, 1.0, kwargs.get("fan_in_fan_out", False))
 
 
 def _lora_linear_vjp(argnums: tuple[int, ...], ans: Any, args: tuple, kwargs: dict) -> Any:
-    x, W, A, B = args[0], args[1], args[3], args[4]
-    mask = args[5] if len(args) > 5 else kwargs.get("mask")
-    scale = kwargs.get("scale", 1.0)
-    fif = kwargs.get("fan_in_fan_out", False)
-    xp = namespace_of(x, W, A, B, mask)
-    d_in = x.shape[-1]
-    h = _recall_h(ans) if 4 in argnums else None
-    if 4 in argnums and h is None:
-        h = xp.matmul(x if mask is None else x * mask, A.T) * scale  # (..., r)
+    x, W, _, A, B, mask, scale, fif = _lora_args(args, kwargs)
 
     def vjp(g: Any) -> list[Any]:
-        d_out = g.shape[-1]
-        G = flat_rows(g, d_out, xp)
-        need = set(argnums)
-        gB = xp.matmul(g, B) * scale if need & {0, 3, 5} else None  # (..., r), s g B
-        xm = x if mask is None else x * mask
-        out = []
-        for i in argnums:
-            if i == 0:
-                back = xp.matmul(gB, A)  # (..., d_in)
-                out.append(xp.matmul(g, W.T if fif else W) + (back if mask is None else back * mask))
-            elif i == 1:
-                X = flat_rows(x, d_in, xp)
-                out.append(xp.matmul(X.T, G) if fif else xp.matmul(G.T, X))
-            elif i == 2:
-                out.append(xp.sum(G, axis=0))
-            elif i == 3:
-                out.append(xp.matmul(flat_rows(gB, A.shape[0], xp).T, flat_rows(xm, d_in, xp)))
-            elif i == 4:
-                out.append(xp.matmul(G.T, flat_rows(h, A.shape[0], xp)))
-            else:
-                out.append(xp.matmul(gB, A) * x)
-        return out
+        o = TRACED if traced(g, x, W, A, B, mask) else RAW
+        return _lora_cotangents(o, argnums, g, x, W, A, B, mask, scale, fif)
 
     return vjp
 
 
 def _lora_linear_jvp(argnums: tuple[int, ...], gs: list, ans: Any, args: tuple, kwargs: dict) -> Any:
-    x, W, A, B = args[0], args[1], args[3], args[4]
-    mask = args[5] if len(args) > 5 else kwargs.get("mask")
-    scale = kwargs.get("scale", 1.0)
-    fif = kwargs.get("fan_in_fan_out", False)
-    xp = namespace_of(x, W, A, B, mask)
-    xm = x if mask is None else x * mask
-    out = None
-    for i, t in zip(argnums, gs, strict=True):
-        if i == 0:
-            tm = t if mask is None else t * mask
-            term = xp.matmul(t, right_factor(W, fif)) + xp.matmul(xp.matmul(tm, A.T) * scale, B.T)
-        elif i == 1:
-            term = xp.matmul(x, right_factor(t, fif))
-        elif i == 2:
-            term = xp.broadcast_to(t, ans.shape)
-        elif i == 3:
-            term = xp.matmul(xp.matmul(xm, t.T) * scale, B.T)
-        elif i == 4:
-            term = xp.matmul(xp.matmul(xm, A.T) * scale, t.T)
-        else:
-            term = xp.matmul(xp.matmul(x * t, A.T) * scale, B.T)
-        out = term if out is None else out + term
-    return out
+    x, W, _, A, B, mask, scale, fif = _lora_args(args, kwargs)
+    o = TRACED if traced(x, W, A, B, mask, *gs) else RAW
+    return _lora_tangent(o, argnums, gs, ans, x, W, A, B, mask, scale, fif)
 
 
 def _to_flat(args: tuple, kwargs: dict) -> tuple:
@@ -300,7 +268,10 @@ def _lora_tree_vjp(argnums: tuple[int, ...], ans: Any, args: tuple, kwargs: dict
 
     def vjp(g: Any) -> list[Any]:
         grads = iter(inner(g))
-        return [{"A": next(grads), "B": next(grads)} if a == 3 else next(grads) for a in argnums]
+        out = [(next(grads), next(grads)) if a == 3 else next(grads) for a in argnums]
+        # a traced gradient dict must be a traced container (autograd's dict), not a dict of boxes
+        pack = pack_ab if traced(*[t for o in out for t in (o if isinstance(o, tuple) else (o,))]) else pack_ab.fun
+        return [pack(*o) if isinstance(o, tuple) else o for o in out]
 
     return vjp
 
@@ -314,11 +285,12 @@ def _delta_vjp(argnums: tuple[int, ...], ans: Any, args: tuple, kwargs: dict) ->
     A, B = args[0], args[1]
     scale = kwargs.get("scale", 1.0)
     fif = kwargs.get("fan_in_fan_out", False)
-    xp = namespace_of(A, B)
 
     def vjp(g: Any) -> list[Any]:
-        g = g.T if fif else g  # (d_out, d_in)
-        return [xp.matmul(B.T, g) * scale if i == 0 else xp.matmul(g, A.T) * scale for i in argnums]
+        o = TRACED if traced(g, A, B) else RAW
+        g = o.T(g) if fif else g  # (d_out, d_in)
+        return [o.mul(o.matmul(o.T(B), g), scale) if i == 0 else o.mul(o.matmul(g, o.T(A)), scale)
+                for i in argnums]
 
     return vjp
 
@@ -327,12 +299,19 @@ def _delta_jvp(argnums: tuple[int, ...], gs: list, ans: Any, args: tuple, kwargs
     A, B = args[0], args[1]
     scale = kwargs.get("scale", 1.0)
     fif = kwargs.get("fan_in_fan_out", False)
+    delta = lora_delta if traced(A, B, *gs) else lora_delta.fun  # bilinear: its own tangent map
     out = None
     for i, t in zip(argnums, gs, strict=True):
-        pair = (t, B) if i == 0 else (A, t)
-        term = lora_delta.fun(*pair, scale=scale, fan_in_fan_out=fif)
-        out = term if out is None else out + term
+        term = delta(*((t, B) if i == 0 else (A, t)), scale=scale, fan_in_fan_out=fif)
+        out = term if out is None else (TRACED if traced(out, term) else RAW).add(out, term)
     return out
+
+
+def _tanh_slope(ans: Any) -> Any:
+    """1 - tanh(x)^2, from the forward's output."""
+    if traced(ans):
+        return TRACED.sub(1.0, TRACED.mul(ans, ans))
+    return 1.0 - ans * ans
 
 
 defvjp_argnums(linear, _linear_vjp)
@@ -343,5 +322,5 @@ defvjp_argnums(lora_linear_tree, _lora_tree_vjp)
 defjvp_argnums(lora_linear_tree, _lora_tree_jvp)
 defvjp_argnums(lora_delta, _delta_vjp)
 defjvp_argnums(lora_delta, _delta_jvp)
-defvjp(tanh, lambda ans, x: lambda g: g * (1.0 - ans * ans))
-defjvp(tanh, lambda g, ans, x: g * (1.0 - ans * ans))
+defvjp(tanh, lambda ans, x: lambda g: (TRACED if traced(g, ans) else RAW).mul(g, _tanh_slope(ans)))
+defjvp(tanh, lambda g, ans, x: (TRACED if traced(g, ans) else RAW).mul(g, _tanh_slope(ans)))

@@ -17,12 +17,12 @@ import numpy as np
 from autograd.core import make_vjp, vspace
 from autograd.tracer import getval
 
-from minilora._tree import labelled_leaves
+from minilora._tree import check_same_structure, labelled_leaves
 from minilora.backend import namespace_of
 from minilora.errors import MiniLoraTypeError, MiniLoraValueError, NonFiniteError
 from minilora.optim import adam_apply, adam_init, adam_options, check_adam_state
 
-__all__ = ["grad", "value_and_grad", "count_params", "fit"]
+__all__ = ["grad", "value_and_grad", "hvp", "count_params", "fit"]
 
 
 def _register(tree: Any) -> None:
@@ -86,6 +86,39 @@ def _lean_value_and_grad(fun: Callable, argnum: int = 0) -> Callable:
 
 
 _NUMPY_SCALARS = (np.float64, np.float32, np.float16)
+
+
+def hvp(fun: Callable, argnum: int = 0) -> Callable:
+    """The Hessian-vector product of a scalar function: ``hvp(f, argnum)(*args, v)`` is
+    H v, where H is the Hessian of ``f`` with respect to argument ``argnum`` at ``args`` and the
+    vector ``v`` (the last positional argument) has that argument's structure and shapes (for an
+    adapter dict {"A": (r, d_in), "B": (d_out, r)}, a dict of the same keys and shapes). The result
+    has that structure too.
+
+    Computed forward-over-reverse (a JVP of ``grad``), exact to rounding; every minilora
+    primitive is differentiable to any order, so this holds for any function built from them.
+    """
+    if type(argnum) is not int:
+        raise MiniLoraTypeError(f"hvp takes one argnum (an int); got {type(argnum).__name__}")
+    vg = _lean_value_and_grad(fun, argnum)
+
+    @functools.wraps(fun)
+    def hvp_fun(*args_and_v: Any, **kwargs: Any) -> Any:
+        if len(args_and_v) < 2:
+            raise MiniLoraValueError("hvp(f, argnum)(*args, v) takes the function's arguments and then the vector v")
+        *args, v = args_and_v
+        if not -len(args) <= argnum < len(args):
+            raise MiniLoraValueError(f"argnum {argnum} is out of range for {len(args)} positional arguments")
+        i = argnum % len(args)
+        check_same_structure(args[i], v, "v")
+        _register((args, v))
+
+        def grad_at(p: Any) -> Any:
+            return vg(*args[:i], p, *args[i + 1:], **kwargs)[1]
+
+        return autograd.make_jvp(grad_at)(args[i])(v)[1]
+
+    return hvp_fun
 
 
 def count_params(tree: Any) -> int:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from minilora import ops
+from minilora import array_ops, ops
 from minilora._checks import check_real, check_shape, get_key
 from minilora.errors import MiniLoraValueError
 from minilora.layers import base_operands
@@ -27,7 +27,7 @@ def lora_bias_dense(params: dict, lora: dict, x: Any, *, scale: float = 1.0, fan
     bias = get_key(lora, "bias", "lora")
     check_shape(bias, 'lora["bias"]', (d_out,), "(d_out,)")
     s = check_real(scale, "scale")
-    return ops.lora_linear(x, W, b + bias * s, lora["A"], lora["B"], dropout_mask, scale=s,
+    return ops.lora_linear(x, W, array_ops.add(b, array_ops.mul(bias, s)), lora["A"], lora["B"], dropout_mask, scale=s,
                            fan_in_fan_out=fan_in_fan_out)
 
 

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 from autograd.extend import defjvp_argnums, defvjp_argnums, primitive
+from autograd.tracer import getval
 
+from minilora.array_ops import RAW, TRACED, traced
 from minilora.backend import namespace_of
-from minilora.ops import flat_rows, right_factor
+from minilora.errors import MiniLoraValueError
+from minilora.ops import right_factor
 
 # =====================================================================================
 #   dora_linear (Liu et al. 2024, arXiv 2402.09353 eq. 5 and section 4.3; PEFT
@@ -69,85 +71,84 @@ def _dora_parts(args: tuple, kwargs: dict) -> tuple:
     mask = args[6] if len(args) > 6 else kwargs.get("mask")
     scale = kwargs.get("scale", 1.0)
     fif = kwargs.get("fan_in_fan_out", False)
-    xp = namespace_of(x, W, A, B, m, mask)
-    n = dora_norm(W, A, B, scale=scale, fan_in_fan_out=fif)
-    return x, W, A, B, m, mask, scale, fif, xp, n, m / n
+    # the norm is detached (PEFT): computed from the values, a constant for every derivative
+    n = dora_norm(getval(W), getval(A), getval(B), scale=scale, fan_in_fan_out=fif)
+    return x, W, A, B, m, mask, scale, fif, n
 
 
 def _dora_vjp(argnums: tuple[int, ...], ans: Any, args: tuple, kwargs: dict) -> Any:
-    x, W, A, B, m, mask, scale, fif, xp, n, c = _dora_parts(args, kwargs)
+    x, W, A, B, m, mask, scale, fif, n = _dora_parts(args, kwargs)
     d_in = x.shape[-1]
-    xm = x if mask is None else x * mask
-    Wr = W.T if fif else W  # (d_out, d_in)
 
     def vjp(g: Any) -> list[Any]:
+        o = TRACED if traced(g, x, W, A, B, m, mask) else RAW
         d_out = g.shape[-1]
-        gc = g * c
-        gB = xp.matmul(gc, B) * scale  # (..., r)
+        c = o.mul(m, 1.0 / n) if o is TRACED else m / n
+        xm = x if mask is None else o.mul(x, mask)
+        Wr = o.T(W) if fif else W  # (d_out, d_in)
+        gc = o.mul(g, c)
+        gc1 = o.mul(g, o.sub(c, 1.0))  # g (c - 1)
+        gB = o.mul(o.matmul(gc, B), scale)  # (..., r)
         out = []
         for i in argnums:
             if i == 0:
-                inner = xp.matmul(g * (c - 1), Wr) + xp.matmul(gB, A)
-                out.append(xp.matmul(g, Wr) + (inner if mask is None else inner * mask))
+                inner = o.add(o.matmul(gc1, Wr), o.matmul(gB, A))
+                out.append(o.add(o.matmul(g, Wr), inner if mask is None else o.mul(inner, mask)))
             elif i == 1:
-                G, X = flat_rows(g, d_out, xp), flat_rows(x, d_in, xp)
-                Gc, Xm = flat_rows(g * (c - 1), d_out, xp), flat_rows(xm, d_in, xp)
-                dW = xp.matmul(G.T, X) + xp.matmul(Gc.T, Xm)
-                out.append(dW.T if fif else dW)
+                G, X = o.rows(g, d_out), o.rows(x, d_in)
+                dW = o.add(o.matmul(o.T(G), X), o.matmul(o.T(o.rows(gc1, d_out)), o.rows(xm, d_in)))
+                out.append(o.T(dW) if fif else dW)
             elif i == 2:
-                out.append(xp.sum(flat_rows(g, d_out, xp), axis=0))
+                out.append(o.sum_to(o.rows(g, d_out), (d_out,)))
             elif i == 3:
-                out.append(xp.matmul(flat_rows(gB, A.shape[0], xp).T, flat_rows(xm, d_in, xp)))
+                out.append(o.matmul(o.T(o.rows(gB, A.shape[0])), o.rows(xm, d_in)))
             elif i == 4:
-                H = xp.matmul(flat_rows(xm, d_in, xp), A.T) * scale
-                out.append(xp.matmul(flat_rows(gc, d_out, xp).T, H))
+                H = o.mul(o.matmul(o.rows(xm, d_in), o.T(A)), scale)
+                out.append(o.matmul(o.T(o.rows(gc, d_out)), H))
             elif i == 5:
-                u = xp.matmul(xm, Wr.T) + xp.matmul(xp.matmul(xm, A.T) * scale, B.T)
-                out.append(xp.sum(flat_rows(g * u, d_out, xp), axis=0) / n)
+                u = o.add(o.matmul(xm, o.T(Wr)), o.matmul(o.mul(o.matmul(xm, o.T(A)), scale), o.T(B)))
+                gu = o.sum_to(o.rows(o.mul(g, u), d_out), (d_out,))
+                out.append(o.mul(gu, 1.0 / n) if o is TRACED else gu / n)
             else:
-                out.append((xp.matmul(g * (c - 1), Wr) + xp.matmul(gB, A)) * x)
+                out.append(o.mul(o.add(o.matmul(gc1, Wr), o.matmul(gB, A)), x))
         return out
 
     return vjp
 
 
 def _dora_jvp(argnums: tuple[int, ...], gs: list, ans: Any, args: tuple, kwargs: dict) -> Any:
-    x, W, A, B, m, mask, scale, fif, xp, n, c = _dora_parts(args, kwargs)
-    xm = x if mask is None else x * mask
-    Wt = right_factor(W, fif)
+    x, W, A, B, m, mask, scale, fif, n = _dora_parts(args, kwargs)
+    o = TRACED if traced(x, W, A, B, m, mask, *gs) else RAW
+    c = o.mul(m, 1.0 / n) if o is TRACED else m / n
+    c1 = o.sub(c, 1.0)
+    xm = x if mask is None else o.mul(x, mask)
+    Wt = W if fif else o.T(W)
 
     def lora(z: Any, A_: Any, B_: Any) -> Any:
-        return xp.matmul(xp.matmul(z, A_.T) * scale, B_.T)
+        return o.matmul(o.mul(o.matmul(z, o.T(A_)), scale), o.T(B_))
 
     out = None
     for i, t in zip(argnums, gs, strict=True):
         if i == 0:
-            tm = t if mask is None else t * mask
-            term = xp.matmul(t, Wt) + (c - 1) * xp.matmul(tm, Wt) + c * lora(tm, A, B)
+            tm = t if mask is None else o.mul(t, mask)
+            term = o.add(o.add(o.matmul(t, Wt), o.mul(c1, o.matmul(tm, Wt))), o.mul(c, lora(tm, A, B)))
         elif i == 1:
-            Tt = right_factor(t, fif)
-            term = xp.matmul(x, Tt) + (c - 1) * xp.matmul(xm, Tt)
+            Tt = t if fif else o.T(t)
+            term = o.add(o.matmul(x, Tt), o.mul(c1, o.matmul(xm, Tt)))
         elif i == 2:
-            term = xp.broadcast_to(t, ans.shape)
+            term = o.broadcast_to(t, tuple(ans.shape))
         elif i == 3:
-            term = c * lora(xm, t, B)
+            term = o.mul(c, lora(xm, t, B))
         elif i == 4:
-            term = c * lora(xm, A, t)
+            term = o.mul(c, lora(xm, A, t))
         elif i == 5:
-            term = (t / n) * (xp.matmul(xm, Wt) + lora(xm, A, B))
+            tn = o.mul(t, 1.0 / n) if o is TRACED else t / n
+            term = o.mul(tn, o.add(o.matmul(xm, Wt), lora(xm, A, B)))
         else:
-            xt = x * t
-            term = (c - 1) * xp.matmul(xt, Wt) + c * lora(xt, A, B)
-        out = term if out is None else out + term
+            xt = o.mul(x, t)
+            term = o.add(o.mul(c1, o.matmul(xt, Wt)), o.mul(c, lora(xt, A, B)))
+        out = term if out is None else o.add(out, term)
     return out
-
-
-def _one_hot(ids: Any, num: int, like: Any) -> Any:
-    """(n_ids, num) one-hot rows of the flattened ids, in ``like``'s namespace and dtype."""
-    xp = namespace_of(like)
-    flat = xp.reshape(ids, (-1,))
-    cols = xp.arange(num, device=like.device) if xp is not np else np.arange(num)
-    return xp.astype(flat[:, None] == cols[None, :], like.dtype)
 
 
 def _embedding_norm(W: Any, A: Any, B: Any, scale: float) -> Any:
@@ -170,59 +171,67 @@ def lora_embedding(ids: Any, W: Any, A: Any, B: Any, m: Any = None, *, scale: fl
     return xp.reshape(y, (*ids.shape, W.shape[1]))
 
 
-def _embedding_vjp(argnums: tuple[int, ...], ans: Any, args: tuple, kwargs: dict) -> Any:
+def _embedding_parts(args: tuple, kwargs: dict) -> tuple:
     ids, W, A, B = args[:4]
     m = args[4] if len(args) > 4 else kwargs.get("m")
     scale = kwargs.get("scale", 1.0)
-    xp = namespace_of(W, A, B, m)
-    flat = xp.reshape(ids, (-1,))
-    dim = W.shape[1]
-    n = _embedding_norm(W, A, B, scale) if m is not None else None
+    flat = namespace_of(W, A, B, m).reshape(ids, (-1,))
+    # the norm is detached (PEFT): computed from the values, a constant for every derivative
+    n = None if m is None else _embedding_norm(getval(W), getval(A), getval(B), scale)
+    return ids, W, A, B, m, scale, flat, n
+
+
+def _no_ids(i: int) -> None:
+    if i == 0:
+        raise MiniLoraValueError("lora_embedding is not differentiable with respect to the integer ids")
+
+
+def _embedding_vjp(argnums: tuple[int, ...], ans: Any, args: tuple, kwargs: dict) -> Any:
+    ids, W, A, B, m, scale, flat, n = _embedding_parts(args, kwargs)
+    num, dim = W.shape
 
     def vjp(g: Any) -> list[Any]:
-        G = xp.reshape(g, (-1, dim))
-        Gc = G if m is None else G * (m / n)
-        P = _one_hot(ids, W.shape[0], W)  # (n_ids, num)
+        o = TRACED if traced(g, W, A, B, m) else RAW
+        G = o.reshape(g, (-1, dim))
+        Gc = G if m is None else o.mul(G, o.mul(m, 1.0 / n) if o is TRACED else m / n)
         out = []
         for i in argnums:
+            _no_ids(i)
             if i == 1:
-                out.append(xp.matmul(P.T, Gc))
+                out.append(o.scatter_rows(Gc, flat, num))
             elif i == 2:
-                out.append(xp.matmul(P.T, xp.matmul(Gc, B) * scale).T)
+                out.append(o.T(o.scatter_rows(o.mul(o.matmul(Gc, B), scale), flat, num)))
             elif i == 3:
-                out.append(xp.matmul(Gc.T, xp.take(A.T, flat, axis=0)) * scale)
-            elif i == 4:
-                u = xp.take(W, flat, axis=0) + xp.matmul(xp.take(A.T, flat, axis=0), B.T) * scale
-                out.append(xp.sum(G * u, axis=0) / n)
+                out.append(o.mul(o.matmul(o.T(Gc), o.take_rows(o.T(A), flat)), scale))
             else:
-                raise ValueError("lora_embedding is not differentiable with respect to the integer ids")
+                u = o.add(o.take_rows(W, flat), o.mul(o.matmul(o.take_rows(o.T(A), flat), o.T(B)), scale))
+                gu = o.sum_to(o.mul(G, u), (dim,))
+                out.append(o.mul(gu, 1.0 / n) if o is TRACED else gu / n)
         return out
 
     return vjp
 
 
 def _embedding_jvp(argnums: tuple[int, ...], gs: list, ans: Any, args: tuple, kwargs: dict) -> Any:
-    ids, W, A, B = args[:4]
-    m = args[4] if len(args) > 4 else kwargs.get("m")
-    scale = kwargs.get("scale", 1.0)
-    xp = namespace_of(W, A, B, m)
-    flat = xp.reshape(ids, (-1,))
-    c = 1.0 if m is None else m / _embedding_norm(W, A, B, scale)
+    ids, W, A, B, m, scale, flat, n = _embedding_parts(args, kwargs)
+    o = TRACED if traced(W, A, B, m, *gs) else RAW
+    c = None if m is None else (o.mul(m, 1.0 / n) if o is TRACED else m / n)
     out = None
     for i, t in zip(argnums, gs, strict=True):
+        _no_ids(i)
         if i == 1:
-            term = xp.take(t, flat, axis=0) * c
+            term = o.take_rows(t, flat)
         elif i == 2:
-            term = xp.matmul(xp.take(t.T, flat, axis=0), B.T) * scale * c
+            term = o.mul(o.matmul(o.take_rows(o.T(t), flat), o.T(B)), scale)
         elif i == 3:
-            term = xp.matmul(xp.take(A.T, flat, axis=0), t.T) * scale * c
-        elif i == 4:
-            u = xp.take(W, flat, axis=0) + xp.matmul(xp.take(A.T, flat, axis=0), B.T) * scale
-            term = u * (t / _embedding_norm(W, A, B, scale))
-        else:
-            raise ValueError("lora_embedding is not differentiable with respect to the integer ids")
-        term = xp.reshape(term, (*ids.shape, W.shape[1]))
-        out = term if out is None else out + term
+            term = o.mul(o.matmul(o.take_rows(o.T(A), flat), o.T(t)), scale)
+        if i == 4:
+            u = o.add(o.take_rows(W, flat), o.mul(o.matmul(o.take_rows(o.T(A), flat), o.T(B)), scale))
+            term = o.mul(u, o.mul(t, 1.0 / n) if o is TRACED else t / n)
+        elif c is not None:
+            term = o.mul(term, c)
+        term = o.reshape(term, (*ids.shape, W.shape[1]))
+        out = term if out is None else o.add(out, term)
     return out
 
 
