@@ -232,7 +232,7 @@ def test_profile_step_times_every_operation_of_the_step(tmp_path: Path) -> None:
         # the six products of bench_step's floor, each timed where it runs in the step
         assert [n for n, o in zip(names, p["ops"], strict=True) if o["kind"] == "floor"] == [
             "x A^T", "x W^T", "h B^T", "G B", "(G B)^T x", "G^T h"]
-        assert "Adam on A and B" in names and ("sign(d)" in names) == (p["loss"] == "l1")
+        assert "Adam on A and B" in names and ("G = sign(y - t) * c" in names) == (p["loss"] == "l1")
         assert all(o["ms"] > 0 for o in p["ops"]) and p["step_ms"] > 0 and p["floor_ms"] > 0
     assert set(rec["scipy_gemm"][0]["ms"]) == {
         "numpy alone", "scipy alone", "numpy then scipy, alternating (sum of the two)"}
