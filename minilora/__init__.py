@@ -7,6 +7,8 @@ Parameters are plain dicts of arrays; freezing is choosing which argument to dif
 
 from __future__ import annotations
 
+from types import MappingProxyType
+
 from minilora.backend import Backend, get_backend, set_backend, to_backend, to_numpy, use_backend
 from minilora.errors import (
     BackendUnavailableError,
@@ -35,7 +37,7 @@ __version__ = "0.1.0"
 
 # The study tools live in minilora.study and are not imported by `import minilora` (which loads the
 # core only). Their names stay reachable here, as before, and are imported on first use.
-_STUDY_NAMES = {
+_STUDY_NAMES = MappingProxyType({
     "nf4_code": "minilora.study.nf4",
     "nf4_quantize": "minilora.study.nf4",
     "nf4_dequantize": "minilora.study.nf4",
@@ -46,7 +48,7 @@ _STUDY_NAMES = {
     "lora_param_count": "minilora.study.param_calc",
     "transformer_param_count": "minilora.study.param_calc",
     "memory_estimate": "minilora.study.param_calc",
-}
+})
 
 
 def __getattr__(name: str) -> object:

@@ -17,6 +17,8 @@ The state is a plain dict with the step counter in it, so a run can be saved and
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -32,7 +34,7 @@ __all__ = ["ADAM_DEFAULTS", "adam_init", "adam_kwargs", "adam_step"]
 
 # Adam's hyper-parameters and their defaults (torch.optim.Adam's), the one list: adam_step's and
 # fit's keywords, the problems of minilora.testing and the golden vectors' options all follow it.
-ADAM_DEFAULTS: dict[str, Any] = {
+ADAM_DEFAULTS: Mapping[str, Any] = MappingProxyType({
     "lr": 1e-3,
     "betas": (0.9, 0.999),
     "eps": 1e-8,
@@ -40,7 +42,7 @@ ADAM_DEFAULTS: dict[str, Any] = {
     "decoupled": False,
     "amsgrad": False,
     "maximize": False,
-}
+})
 
 
 def adam_kwargs(options: Any) -> dict[str, Any]:
