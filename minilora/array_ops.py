@@ -125,10 +125,11 @@ def scatter_rows(g: Any, ids: Any, num: int) -> Any:
 
 
 @primitive
-def pack_ab(A: Any, B: Any) -> dict:
-    """{"A": A, "B": B}: an adapter's gradient dict as a traced container (a dict of traced
-    arrays is not itself traced, and autograd's own dict has no forward-mode derivative)."""
-    return {"A": A, "B": B}
+def pack_ab(A: Any, B: Any, *, b_first: bool = False) -> dict:
+    """{"A": A, "B": B} ({"B": B, "A": A} with ``b_first``, so a gradient keeps its adapter's key
+    order): an adapter's gradient dict as a traced container (a dict of traced arrays is not itself
+    traced, and autograd's own dict has no forward-mode derivative)."""
+    return {"B": B, "A": A} if b_first else {"A": A, "B": B}
 
 
 # ---------------------------------------------------------------- their derivatives, in themselves
@@ -182,12 +183,13 @@ defvjp(take_rows, lambda ans, W, ids: lambda g: scatter_rows(g, ids, _shape(W)[0
 defjvp(take_rows, lambda t, ans, W, ids: take_rows(t, ids))
 defvjp(scatter_rows, lambda ans, g, ids, num: lambda c: take_rows(c, ids))
 defjvp(scatter_rows, lambda t, ans, g, ids, num: scatter_rows(t, ids, num))
-defvjp(pack_ab, lambda ans, A, B: lambda g: g["A"], lambda ans, A, B: lambda g: g["B"])
+defvjp(pack_ab, lambda ans, A, B, **kw: lambda g: g["A"], lambda ans, A, B, **kw: lambda g: g["B"])
 
 
 def _pack_jvp(argnums: tuple[int, ...], gs: list, ans: Any, args: tuple, kwargs: dict) -> Any:
     t = dict(zip(argnums, gs, strict=True))
-    return pack_ab(t[0] if 0 in t else vspace(args[0]).zeros(), t[1] if 1 in t else vspace(args[1]).zeros())
+    return pack_ab(t[0] if 0 in t else vspace(args[0]).zeros(), t[1] if 1 in t else vspace(args[1]).zeros(),
+                   b_first=kwargs.get("b_first", False))
 
 
 defjvp_argnums(pack_ab, _pack_jvp)

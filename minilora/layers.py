@@ -154,17 +154,44 @@ def lora_dense(
     lora {"A": (r, d_in), "B": (d_out, r)}, x (..., d_in), dropout_mask x-shaped or None
     (from ``dropout_mask``: entries 0 or 1/(1-p)) -> y (..., d_out).
     """
-    W, b, d_in, d_out = base_operands(params, x, fan_in_fan_out)
-    A, B = lora_factors(getval(lora), d_in, d_out)  # values only: no graph nodes for checking
-    scale = check_real(scale, "scale")
-    if dropout_mask is not None:
-        check_shape(dropout_mask, "dropout_mask", tuple(getval(x).shape), "x.shape")
-    check_floats(x=x, W=W, b=b, A=A, B=B, dropout_mask=dropout_mask)
-    if isinstance(lora, Box) and set(getval(lora)) == {"A", "B"}:
+    lv = getval(lora)
+    ops_ = _usual_operands(params, lv, x, scale, fan_in_fan_out) if dropout_mask is None else None
+    if ops_ is not None:
+        W, b = ops_
+    else:  # the full checks, naming what is wrong
+        W, b, d_in, d_out = base_operands(params, x, fan_in_fan_out)
+        A, B = lora_factors(lv, d_in, d_out)  # values only: no graph nodes for checking
+        scale = check_real(scale, "scale")
+        if dropout_mask is not None:
+            check_shape(dropout_mask, "dropout_mask", tuple(getval(x).shape), "x.shape")
+        check_floats(x=x, W=W, b=b, A=A, B=B, dropout_mask=dropout_mask)
+    if isinstance(lora, Box) and len(lv) == 2 and "A" in lv and "B" in lv:
         # differentiated as one dict: one node instead of a lookup per factor (ops.lora_linear_tree)
         return ops.lora_linear_tree(x, W, b, lora, dropout_mask, scale=scale, fan_in_fan_out=fan_in_fan_out)
     return ops.lora_linear(x, W, b, lora["A"], lora["B"], dropout_mask, scale=scale,
                            fan_in_fan_out=fan_in_fan_out)
+
+
+def _usual_operands(params: Any, lora: Any, x: Any, scale: Any, fan_in_fan_out: bool) -> tuple[Any, Any] | None:
+    """(W, b) when the call is the usual one, which the full checks would accept: untraced NumPy
+    x, W, b and factors of one real float dtype, consistent shapes, a finite float scale; else None
+    (and the full checks run). A few attribute tests instead of the checks' dozen calls: this runs
+    at every training step."""
+    if type(params) is not dict or type(lora) is not dict or type(x) is not np.ndarray or type(scale) is not float:
+        return None
+    W, b, A, B = params.get("W"), params.get("b"), lora.get("A"), lora.get("B")
+    if type(W) is not np.ndarray or type(A) is not np.ndarray or type(B) is not np.ndarray:
+        return None
+    dt = x.dtype
+    if dt.kind != "f" or W.dtype != dt or A.dtype != dt or B.dtype != dt or W.ndim != 2 or A.ndim != 2 \
+            or x.ndim < 1 or not math.isfinite(scale):
+        return None
+    d_in, d_out = W.shape if fan_in_fan_out else W.shape[::-1]
+    if x.shape[-1] != d_in or A.shape[1] != d_in or B.shape != (d_out, A.shape[0]):
+        return None
+    if b is not None and (type(b) is not np.ndarray or b.dtype != dt or b.shape != (d_out,)):
+        return None
+    return W, b
 
 
 def dropout_mask(rng: Any, shape: tuple[int, ...], p: float, dtype: Any = "float64") -> Any:

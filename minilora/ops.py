@@ -264,14 +264,28 @@ def _flat_argnums(argnums: tuple[int, ...]) -> tuple[int, ...]:
 
 
 def _lora_tree_vjp(argnums: tuple[int, ...], ans: Any, args: tuple, kwargs: dict) -> Any:
-    inner = _lora_linear_vjp(_flat_argnums(argnums), ans, _to_flat(args, kwargs), kwargs)
+    flat_args = _to_flat(args, kwargs)
+    x, _, _, A, B, mask = flat_args
+    scale = kwargs.get("scale", 1.0)
+    # A training step's case: only the adapter differentiated, no mask, plain NumPy. The formulas
+    # of _lora_cotangents for i = 3, 4, in the same order of operations (so the same bits), with
+    # the scalings written in place.
+    b_first = next(iter(args[3])) == "B"  # the gradient dict keeps the adapter's key order
+    usual = argnums == (3,) and mask is None and type(x) is np.ndarray and type(A) is np.ndarray and \
+        type(B) is np.ndarray
 
     def vjp(g: Any) -> list[Any]:
-        grads = iter(inner(g))
+        if usual and type(g) is np.ndarray:
+            gB = mul_into(g @ B, scale)  # (..., r)
+            X = flat_rows(x, x.shape[-1], np)
+            H = mul_into(X @ A.T, scale)  # (n, r): the forward's h again
+            return [pack_ab.fun(flat_rows(gB, A.shape[0], np).T @ X, flat_rows(g, g.shape[-1], np).T @ H,
+                                b_first=b_first)]
+        grads = iter(_lora_linear_vjp(_flat_argnums(argnums), ans, flat_args, kwargs)(g))
         out = [(next(grads), next(grads)) if a == 3 else next(grads) for a in argnums]
         # a traced gradient dict must be a traced container (autograd's dict), not a dict of boxes
         pack = pack_ab if traced(*[t for o in out for t in (o if isinstance(o, tuple) else (o,))]) else pack_ab.fun
-        return [pack(*o) if isinstance(o, tuple) else o for o in out]
+        return [pack(*o, b_first=b_first) if isinstance(o, tuple) else o for o in out]
 
     return vjp
 

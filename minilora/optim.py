@@ -139,44 +139,48 @@ def check_adam_state(params: Any, state: Any, amsgrad: bool) -> None:
     check_same_structure(params, state["m"], "state['m']")
 
 
-def adam_apply(params: Any, grads: Any, state: dict, opts: AdamOptions) -> tuple[Any, dict]:
-    """The update itself, on already validated inputs (``adam_step`` checks them first).
+def adam_leaf(opts: AdamOptions, t: int, p: Any, g: Any, m: Any, v: Any, v_max: Any = None) -> tuple[Any, ...]:
+    """Update number ``t`` (from 1) of one leaf: returns (p, m, v, v_max), all new arrays (the
+    inputs are never written). Elementwise, so it is the same on a leaf or on several leaves laid
+    end to end in one array (``fit`` does that).
 
     Each line keeps torch's order of rounding; the temporaries are reused in place on NumPy.
     """
-    lr, b1, b2, eps, wd, decoupled, amsgrad, maximize = opts
-    t = int(state["step"]) + 1
+    lr, b1, b2, eps, wd, decoupled, _, maximize = opts
     step_size = lr / (1 - b1**t)
     bc2_sqrt = (1 - b2**t) ** 0.5
     w = 1 - b1
-
-    def update(p: Any, g: Any, m: Any, v: Any, v_max: Any = None) -> tuple[Any, ...]:
-        xp = namespace_of(p, g)
-        if maximize:
-            g = -g
-        if wd != 0.0:
-            if decoupled:
-                p = p * (1 - lr * wd)
-            else:
-                g = g + p * wd
-        if w < 0.5:
-            m = add_into(mul_into(g - m, w), m)  # m + w (g - m): torch's lerp for weights < 0.5
+    xp = namespace_of(p, g)
+    if maximize:
+        g = -g
+    if wd != 0.0:
+        if decoupled:
+            p = p * (1 - lr * wd)
         else:
-            m = g - mul_into(g - m, 1 - w)
-        v = add_into(v * b2, mul_into((1 - b2) * g, g))
-        if v_max is not None:
-            v_max = xp.maximum(v_max, v)
-        denom = add_into(div_into(xp.sqrt(v if v_max is None else v_max), bc2_sqrt), eps)
-        out: tuple[Any, ...] = (add_into(div_into(m * (-step_size), denom), p), m, v, v_max)
-        if type(p) is np.ndarray and p.ndim == 0:  # NumPy turns 0-d results into scalars: keep arrays
-            out = tuple(None if a is None else np.asarray(a) for a in out)
-        return out
+            g = g + p * wd
+    if w < 0.5:
+        m = add_into(mul_into(g - m, w), m)  # m + w (g - m): torch's lerp for weights < 0.5
+    else:
+        m = g - mul_into(g - m, 1 - w)
+    v = add_into(v * b2, mul_into((1 - b2) * g, g))
+    if v_max is not None:
+        v_max = xp.maximum(v_max, v)
+    denom = add_into(div_into(xp.sqrt(v if v_max is None else v_max), bc2_sqrt), eps)
+    out: tuple[Any, ...] = (add_into(div_into(m * (-step_size), denom), p), m, v, v_max)
+    if type(p) is np.ndarray and p.ndim == 0:  # NumPy turns 0-d results into scalars: keep arrays
+        out = tuple(None if a is None else np.asarray(a) for a in out)
+    return out
 
+
+def adam_apply(params: Any, grads: Any, state: dict, opts: AdamOptions) -> tuple[Any, dict]:
+    """The update itself, on already validated inputs (``adam_step`` checks them first)."""
+    t = int(state["step"]) + 1
+    amsgrad = opts.amsgrad
     p_leaves, rebuild = tree_flatten(params)
     ms, vs = tree_flatten(state["m"])[0], tree_flatten(state["v"])[0]
     v_maxes = tree_flatten(state["v_max"])[0] if amsgrad else [None] * len(p_leaves)
     # The lengths were checked by adam_step (check_adam_state); strict zips cost ~1 us a step here.
-    flat = [update(*leaf) for leaf in zip(p_leaves, tree_flatten(grads)[0], ms, vs, v_maxes, strict=False)]
+    flat = [adam_leaf(opts, t, *leaf) for leaf in zip(p_leaves, tree_flatten(grads)[0], ms, vs, v_maxes, strict=False)]
     columns = list(zip(*flat, strict=False)) if flat else [(), (), (), ()]
     new_params, m, v, v_max = (rebuild(col) for col in columns)
     new_state = {"step": t, "m": m, "v": v}

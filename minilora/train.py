@@ -17,10 +17,10 @@ import numpy as np
 from autograd.core import make_vjp, vspace
 from autograd.tracer import getval
 
-from minilora._tree import check_same_structure, labelled_leaves
+from minilora._tree import check_same_structure, labelled_leaves, tree_flatten
 from minilora.backend import namespace_of
 from minilora.errors import MiniLoraTypeError, MiniLoraValueError, NonFiniteError
-from minilora.optim import adam_apply, adam_init, adam_options, check_adam_state
+from minilora.optim import AdamOptions, adam_apply, adam_init, adam_leaf, adam_options, check_adam_state
 
 __all__ = ["grad", "value_and_grad", "hvp", "count_params", "fit"]
 
@@ -132,6 +132,75 @@ def count_params(tree: Any) -> int:
     return total
 
 
+class _FlatAdam:
+    """``fit``'s Adam on one array: the leaves of params, m, v (and v_max) laid end to end, so each
+    of the update's thirteen elementwise passes runs once per step instead of once per leaf.
+    Bit-identical to ``adam_apply`` leaf by leaf (the update is elementwise). Used only when every
+    leaf is a NumPy array of one float dtype. Every step makes new arrays (nothing handed out is
+    written again): the params given to a callback or returned are views of a fresh buffer.
+    """
+
+    def __init__(self, params: Any, state: dict, opts: AdamOptions) -> None:
+        leaves, self.rebuild = tree_flatten(params)
+        self.shapes = [leaf.shape for leaf in leaves]
+        # a flat dict of arrays (the usual adapter): its gradient's leaves are its values, in order
+        self.flat_dict = type(params) is dict and all(type(v) is np.ndarray for v in params.values())
+        self.keys = tuple(params) if self.flat_dict else ()
+        self.params_like = params  # the structure only (its arrays are never read)
+        ends = np.cumsum([leaf.size for leaf in leaves]).tolist()
+        self.slices = [(slice(end - leaf.size, end), leaf.shape) for end, leaf in zip(ends, leaves, strict=True)]
+        self.dtype = leaves[0].dtype
+        self.opts = opts
+        self.t = int(state["step"])
+        self.p = self.join(leaves)
+        self.m, self.v = self.join(tree_flatten(state["m"])[0]), self.join(tree_flatten(state["v"])[0])
+        self.v_max = self.join(tree_flatten(state["v_max"])[0]) if opts.amsgrad else None
+
+    @staticmethod
+    def usable(params: Any, state: dict) -> bool:
+        leaves = tree_flatten(params)[0]
+        if not leaves or type(leaves[0]) is not np.ndarray or leaves[0].dtype.kind != "f":
+            return False
+        dt = leaves[0].dtype
+        trees = [params, state["m"], state["v"]] + ([state["v_max"]] if "v_max" in state else [])
+        return all(type(a) is np.ndarray and a.dtype == dt for tree in trees for a in tree_flatten(tree)[0])
+
+    def join(self, leaves: list) -> Any:
+        return np.concatenate([a.reshape(-1) for a in leaves]) if len(leaves) > 1 else leaves[0].reshape(-1).copy()
+
+    def split(self, flat: Any) -> Any:
+        return self.rebuild([flat[sl].reshape(shape) for sl, shape in self.slices])
+
+    def grads_fit(self, grads: Any) -> list | None:
+        """The gradient's leaves if they are what this path handles (else None: use the tree path)."""
+        if type(grads) is dict and self.flat_dict:
+            if tuple(grads) != self.keys:  # same keys in another order: the tree path names it
+                return None
+            leaves = list(grads.values())
+        else:
+            try:
+                check_same_structure(self.params_like, grads, "the loss's gradient")
+            except MiniLoraValueError:
+                return None  # the tree path raises it
+            leaves = tree_flatten(grads)[0]
+        for g, shape in zip(leaves, self.shapes, strict=False):
+            if type(g) is not np.ndarray or g.dtype != self.dtype or g.shape != shape:
+                return None
+        return leaves if len(leaves) == len(self.shapes) else None
+
+    def step(self, grad_leaves: list) -> Any:
+        self.t += 1
+        self.p, self.m, self.v, self.v_max = adam_leaf(self.opts, self.t, self.p, self.join(grad_leaves),
+                                                       self.m, self.v, self.v_max)
+        return self.split(self.p)
+
+    def state(self) -> dict:
+        out = {"step": self.t, "m": self.split(self.m), "v": self.split(self.v)}
+        if self.v_max is not None:
+            out["v_max"] = self.split(self.v_max)
+        return out
+
+
 def fit(
     loss_fn: Callable[..., Any],
     params: Any,
@@ -175,6 +244,7 @@ def fit(
     check_adam_state(params, state, amsgrad)
     losses: list[float] = []
     _register((params, data_or_args if isinstance(data_or_args, tuple) else ()))
+    flat = _FlatAdam(params, state, opts) if _FlatAdam.usable(params, state) else None
     for step in range(1, steps + 1):
         if callable(data_or_args):
             args = data_or_args(step)
@@ -187,10 +257,19 @@ def fit(
             raise NonFiniteError(
                 f"loss became non-finite ({value}) at step {step}; params are returned as of step "
                 f"{step - 1} in the error's .partial; try a smaller lr",
-                partial=(params, losses, state),
+                partial=(params, losses, state if flat is None else flat.state()),
             )
         losses.append(value)
-        params, state = adam_apply(params, grads, state, opts)  # grads mirror params by construction
-        if callback is not None and callback(step, value, params, state) is True:
+        leaves = None if flat is None else flat.grads_fit(grads)
+        if leaves is not None:
+            params = flat.step(leaves)  # type: ignore[union-attr]
+        else:
+            if flat is not None:  # a gradient this path does not handle: the tree path from here on
+                state, flat = flat.state(), None
+            check_same_structure(params, grads, "the loss's gradient")  # fast for a flat dict
+            params, state = adam_apply(params, grads, state, opts)
+        if callback is not None and callback(step, value, params, state if flat is None else flat.state()) is True:
             break
+    if flat is not None:
+        state = flat.state()
     return (params, losses, state) if return_state else (params, losses)
