@@ -153,6 +153,7 @@ def merge_checkpoint(base: str | os.PathLike, adapter_dir: str | os.PathLike, ou
     ckpt = open_checkpoint(base)
     paths = check_outputs(out, ckpt, adapter_dir)
     plan = make_plan(adapter, sources, ckpt.entries, base, ckpt.config, unmerge=unmerge)
+    created = _is_folder(out) and not os.path.isdir(out)
     if _is_folder(out):
         os.makedirs(out, exist_ok=True)
         groups = [(os.path.join(out, os.path.basename(s.path)) if ckpt.sharded else paths[0], [s]) for s in ckpt.shards]
@@ -171,8 +172,13 @@ def merge_checkpoint(base: str | os.PathLike, adapter_dir: str | os.PathLike, ou
                 weight_map.update({n: os.path.basename(path) for s in shards for n in s.entries})
             if _is_folder(out):
                 _write_model_files(stack, out, ckpt, weight_map, sizes, target, state)
-    except OSError as exc:
-        raise MergeError(f"{exc.filename or state['path']}: cannot write: {exc.strerror or exc}") from None
+    except BaseException as exc:
+        if created:  # a folder this merge made and could not fill goes too
+            with contextlib.suppress(OSError):
+                os.rmdir(out)
+        if isinstance(exc, OSError):
+            raise MergeError(f"{exc.filename or state['path']}: cannot write: {exc.strerror or exc}") from None
+        raise
     rows = [{**r, "scale": r["scale"] * scale} for r in plan.rows]
     replaced = [{"tensor": b, "from": j.why} for b, j in plan.jobs.items() if j.replace is not None]
     return {"out": out, "files": paths, "unmerge": unmerge, "dtype": dtype, "modules": rows, "replaced": replaced,
