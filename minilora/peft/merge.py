@@ -1,50 +1,60 @@
-"""The streaming merge: a PEFT LoRA adapter merged into a safetensors file of base weights with
-NumPy alone (PEFT ``merge_and_unload``), one tensor at a time (``minilora merge`` is its command).
+"""The streaming merge: a PEFT LoRA adapter merged into a checkpoint of base weights with NumPy
+alone (PEFT ``merge_and_unload``), one tensor at a time (``minilora merge`` is its command).
 
 For a module ``<m>`` of the adapter, the base tensor ``<m>.weight`` becomes (PEFT
 ``tuners/lora/layer.py`` ``Linear.merge``/``get_delta_weight``, ``variants.py`` DoRA):
 
-    LoRA        W' = W + s B A                    (transposed when fan_in_fan_out)
+    LoRA        W' = W + s B A                    (transposed for a Conv1D, fan_in_fan_out)
     embedding   W' = W + s (B A)^T                (W (num_embeddings, dim))
     DoRA        W' = m / ||W + s B A||_row * (W + s B A)      (norm over d_in, per output)
     lora_bias   b' = b + s b_B
     --unmerge   W  = W' - s B A,  b = b' - s b_B  (DoRA cannot be unmerged without its cached norm)
 
-s = alpha / r (or alpha / sqrt(r)) times ``--scale``. Precision follows PEFT on CPU with its
+s = alpha / r (or alpha / sqrt(r)) times ``--scale``. Tensors the adapter saved whole (saved
+base layers, ``modules_to_save``, biases) are loaded over the base's first, cast to the base
+dtype, as ``PeftModel.from_pretrained`` does; which base tensor each module is and its
+orientation come from ``minilora.peft.merge_plan``. Precision follows PEFT on CPU with its
 default ``autocast_adapter_dtype=True``: the adapter is held in float32 when the base is
 float16/bfloat16/float32 (float64 for a float64 base), the delta and the sum are computed in
 that type and the result is rounded once to the base tensor's dtype (bfloat16: round to nearest
-even on the raw bits). Exception, as in PEFT: for an embedding, and for every unmerge, PEFT
-first rounds the delta to the base dtype (``delta.to(orig_dtype)``) and then adds in that
-dtype, so float16/bfloat16 results are rounded twice there; minilora does the same. Tensors the adapter does not touch are copied byte for byte.
+even on the float32 bits, ``minilora.formats.rounding``). Exception, as in PEFT: for an
+embedding, and for every unmerge, PEFT first rounds the delta to the base dtype and then adds
+in that dtype, so float16/bfloat16 results are rounded twice there; minilora does the same.
+``dtype`` casts every float tensor of the output afterwards (PEFT's merged model ``.to(dtype)``).
 
-Memory: the header is read first, then each tensor is read, merged and written before the next
-is read, so at most one tensor (plus its adapter factors) is held; OUT is written through a temp
-file and renamed at the end (``minilora.formats.fileio.atomic_open``), so a failure never leaves half of it.
+Inputs and outputs (``minilora.formats.checkpoint``): BASE is a file, an index or a model folder;
+OUT is a file (every tensor in one) or a folder that becomes a loadable model (the same shards
+and index when BASE was sharded, config.json, generation_config.json and tokenizer files copied
+from the base folder). Every output path is checked before any tensor is read.
+
+Memory: at most one tensor (plus its adapter factors) is held; every output file is written to a
+temp file beside it and all are renamed at the end, so a failure leaves the old OUT as it was.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import shutil
 import struct
 from typing import Any
 
 import numpy as np
 
-from minilora.errors import MiniLoraValueError, NonFiniteError, ShapeError
+from minilora.errors import MiniLoraValueError, NonFiniteError
 from minilora.formats import safetensors as st
+from minilora.formats.checkpoint import INDEX_NAME, MODEL_FILES, Checkpoint, open_checkpoint, read_tensor
 from minilora.formats.fileio import atomic_open
+from minilora.formats.rounding import f32_to_bf16_bits
 from minilora.layers import merge_weight
+from minilora.peft.merge_plan import FLOAT, Job, MergeError, load_for_merge, make_plan
 
-__all__ = ["merge_adapter_file", "MergeError"]
+__all__ = ["merge_adapter_file", "merge_checkpoint", "check_outputs", "MergeError", "DTYPE_NAMES"]
 
-_FLOAT = ("F64", "F32", "F16", "BF16")
-
-
-class MergeError(MiniLoraValueError):
-    """An adapter that does not fit the base file (names, shapes, dtypes, options)."""
+DTYPE_NAMES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64"}
+_TORCH_NAME = {v: k for k, v in DTYPE_NAMES.items()}
 
 
 def _to_compute(raw: np.ndarray, kind: str) -> np.ndarray:
@@ -55,136 +65,225 @@ def _to_compute(raw: np.ndarray, kind: str) -> np.ndarray:
 
 def _from_compute(value: np.ndarray, kind: str) -> np.ndarray:
     if kind == "BF16":
-        return st.float_to_bf16_bits(value.astype(np.float32))
-    return value.astype(st.DTYPES[kind])
+        return f32_to_bf16_bits(value.astype(np.float32, copy=False))
+    return value.astype(st.DTYPES[kind], copy=False)
+
+
+# ---------------------------------------------------------------- outputs
+
+
+def _is_folder(out: str) -> bool:
+    return out.endswith(("/", os.sep)) or os.path.isdir(out) or not out.endswith(".safetensors")
+
+
+def _writable_folder(folder: str, what: str) -> None:
+    if not os.path.isdir(folder):
+        raise MergeError(f"{what}: folder {folder} does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise MergeError(f"{what}: folder {folder} is not writable")
+
+
+def check_outputs(out: str, ckpt: Checkpoint, adapter_dir: str) -> list[str]:
+    """The files OUT will be (a file, or a folder's shards + index + model files), after refusing
+    an OUT that cannot be written or that is one of the inputs. Nothing is written."""
+    folder_mode = _is_folder(out)
+    if folder_mode:
+        folder = out.rstrip("/" + os.sep) or out
+        if os.path.exists(folder) and not os.path.isdir(folder):
+            raise MergeError(f"OUT {out}: exists and is not a folder")
+        _writable_folder(folder if os.path.isdir(folder) else os.path.dirname(os.path.abspath(folder)), f"OUT {out}")
+        names = [os.path.basename(s.path) for s in ckpt.shards] if ckpt.sharded else ["model.safetensors"]
+        names += [INDEX_NAME] if ckpt.sharded else []
+        if ckpt.folder:
+            names += [n for n in ("config.json", *MODEL_FILES) if os.path.isfile(os.path.join(ckpt.folder, n))]
+        paths = [os.path.join(folder, n) for n in names]
+        if ckpt.folder and os.path.exists(folder) and os.path.samefile(folder, ckpt.folder):
+            raise MergeError(f"OUT {out} is the BASE folder: the merge reads BASE while writing OUT")
+    else:
+        _writable_folder(os.path.dirname(os.path.abspath(out)), f"OUT {out}")
+        paths = [out]
+    ad_real = os.path.realpath(adapter_dir)
+    inputs = ckpt.files() + ([os.path.join(adapter_dir, f) for f in os.listdir(adapter_dir)]
+                             if os.path.isdir(adapter_dir) else [])
+    for p in paths:
+        real = os.path.realpath(p)
+        if real == ad_real or real.startswith(ad_real + os.sep):
+            raise MergeError(f"OUT {out}: {p} is inside the adapter folder {adapter_dir}; write the merged model "
+                             "elsewhere")
+        if os.path.exists(p):
+            if os.path.isdir(p):
+                raise MergeError(f"OUT {out}: {p} is a folder")
+            for f in inputs:
+                if os.path.exists(f) and os.path.samefile(p, f):
+                    raise MergeError(f"OUT {out}: {p} is an input ({f}); the merge reads it while writing OUT")
+    return paths
 
 
 # ---------------------------------------------------------------- the merge
 
 
-def _plan(adapter: Any, entries: dict, base_path: str, unmerge: bool) -> dict[str, tuple[str, str]]:
-    """{base tensor name: (module, role)} with role "weight" | "bias" | "extra", after checking
-    every adapter module against the base file's names, shapes and dtypes."""
-    plan: dict[str, tuple[str, str]] = {}
-    for module, t in adapter.modules.items():
-        wname = f"{module}.weight"
-        if wname not in entries:
-            near = [n for n in entries if n.endswith(module.rsplit(".", 1)[-1] + ".weight")][:3]
-            raise MergeError(f"adapter module {module!r} matches no tensor in {base_path}: {wname!r} is missing"
-                             + (f" (similar: {near})" if near else ""))
-        kind, shape = entries[wname][0], entries[wname][1]
-        A, B = t["A"], t["B"]
-        if adapter.kinds.get(module) == "embedding":
-            want = (A.shape[1], B.shape[0])
-        else:
-            want = (A.shape[1], B.shape[0]) if adapter.fan_in_fan_out else (B.shape[0], A.shape[1])
-        if tuple(shape) != want:
-            raise ShapeError(f"module {module!r}: base tensor {wname!r} has shape {tuple(shape)} but the adapter "
-                             f"(A {A.shape}, B {B.shape}) needs {want}")
-        if kind not in _FLOAT:
-            raise MergeError(f"module {module!r}: base tensor {wname!r} has dtype {kind}, which minilora merge "
-                             f"cannot handle (supported: {', '.join(_FLOAT)})")
-        if "m" in t and unmerge:
-            raise MergeError(f"module {module!r}: a DoRA merge cannot be undone from the merged weight alone "
-                             "(PEFT keeps the weight norm in memory); --unmerge is not supported for DoRA")
-        plan[wname] = (module, "weight")
-        if "lora_bias" in t:
-            bname = f"{module}.bias"
-            if bname not in entries:
-                raise MergeError(f"module {module!r} has lora_bias but {base_path} has no {bname!r} to merge it into")
-            plan[bname] = (module, "bias")
-    for name, value in adapter.extra.items():
-        if name not in entries:
-            raise MergeError(f"adapter tensor {name!r} (bias={adapter.config.get('bias')!r}) matches no tensor "
-                             f"in {base_path}")
-        if tuple(entries[name][1]) != value.shape:
-            raise ShapeError(f"adapter tensor {name!r} has shape {value.shape} but {base_path} has "
-                             f"{tuple(entries[name][1])}")
-        if unmerge:
-            raise MergeError(f"adapter replaces {name!r} (bias={adapter.config.get('bias')!r}); that cannot be "
-                             "undone, so --unmerge is refused")
-        plan[name] = ("", "extra")
-    return plan
-
-
 def merge_adapter_file(base: str | os.PathLike, adapter_dir: str | os.PathLike, out: str | os.PathLike, *,
-                       unmerge: bool = False, scale: float = 1.0, _on_tensor: Any = None) -> list[dict]:
-    """Write ``out``: the safetensors file ``base`` with the PEFT adapter in ``adapter_dir`` merged
-    in (or taken out, ``unmerge=True``); ``scale`` multiplies every module's alpha/r. Returns one
-    summary dict per merged module: {"module", "kind", "rank", "alpha", "scale", "dtype", "dora"}.
-    """
-    from minilora.peft.files import load_peft_adapter
+                       unmerge: bool = False, scale: float = 1.0, dtype: str | None = None,
+                       _on_tensor: Any = None) -> list[dict]:
+    """Write ``out`` (a .safetensors file or a model folder): the checkpoint ``base`` with the
+    PEFT adapter in ``adapter_dir`` merged in (or taken out, ``unmerge=True``); ``scale``
+    multiplies every module's alpha/r. Returns one summary dict per merged module: {"module",
+    "tensor", "kind", "rank", "alpha", "scale", "dtype", "dora", "fan_in_fan_out", ...}."""
+    return merge_checkpoint(base, adapter_dir, out, unmerge=unmerge, scale=scale, dtype=dtype,
+                            progress=_on_tensor and (lambda name, done, total: _on_tensor(name)))["modules"]
 
-    base, out = os.fspath(base), os.fspath(out)
+
+def merge_checkpoint(base: str | os.PathLike, adapter_dir: str | os.PathLike, out: str | os.PathLike, *,
+                     unmerge: bool = False, scale: float = 1.0, dtype: str | None = None,
+                     progress: Any = None) -> dict:
+    """``merge_adapter_file`` returning the whole summary: {"out", "files", "modules",
+    "replaced": [{"tensor", "from"}], "tensors", "bytes"}. ``progress(name, bytes done, bytes total)``
+    is called after each tensor is read."""
+    base, out, adapter_dir = os.fspath(base), os.fspath(out), os.fspath(adapter_dir)
     if not math.isfinite(scale):
         raise MiniLoraValueError(f"--scale must be finite; got {scale}")
-    adapter = load_peft_adapter(adapter_dir)
-    if os.path.abspath(base) == os.path.abspath(out):
+    target = None
+    if dtype is not None:
+        if dtype not in DTYPE_NAMES:
+            raise MiniLoraValueError(f"--dtype must be one of {', '.join(DTYPE_NAMES)}; got {dtype!r}")
+        target = DTYPE_NAMES[dtype]
+    adapter, sources = load_for_merge(adapter_dir)
+    if not _is_folder(out) and os.path.abspath(base) == os.path.abspath(out):
         raise MergeError(f"OUT must differ from BASE ({base}): the merge streams from BASE while writing OUT")
+    ckpt = open_checkpoint(base)
+    paths = check_outputs(out, ckpt, adapter_dir)
+    plan = make_plan(adapter, sources, ckpt.entries, base, ckpt.config, unmerge=unmerge)
+    created = _is_folder(out) and not os.path.isdir(out)
+    if _is_folder(out):
+        os.makedirs(out, exist_ok=True)
+        groups = [(os.path.join(out, os.path.basename(s.path)) if ckpt.sharded else paths[0], [s]) for s in ckpt.shards]
+    else:
+        groups = [(out, ckpt.shards)]
+    total = sum(e[3] - e[2] for e in ckpt.entries.values())
+    state = {"done": 0, "path": out}
+    weight_map: dict[str, str] = {}
+    sizes = 0
     try:
-        fh = open(base, "rb")
-    except OSError as exc:
-        raise st.SafetensorsError(f"{base}: cannot read: {exc.strerror or exc}") from None
-    with fh:
-        entries, metadata, start = st.read_header_streaming(fh, base)
-        plan = _plan(adapter, entries, base, unmerge)
-        order = sorted(entries, key=lambda n: entries[n][2])
-        header: dict[str, Any] = {"__metadata__": metadata} if metadata else {}
-        for name in order:
-            kind, shape, begin, end = entries[name]
-            header[name] = {"dtype": kind, "shape": list(shape), "data_offsets": [begin, end]}
-        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-        text += b" " * (-len(text) % 8)
-        summary = []
-        with atomic_open(out, "wb") as dst:
-            dst.write(struct.pack("<Q", len(text)) + text)
-            for name in order:
-                entry = entries[name]
-                raw = st.read_tensor(fh, start, entry, name, base)
-                if _on_tensor is not None:
-                    _on_tensor(name)
-                if name in plan:
-                    raw = _apply(adapter, plan[name], name, raw, entry[0], scale, unmerge)
-                    if plan[name][1] == "weight":
-                        module = plan[name][0]
-                        summary.append({"module": module, "kind": adapter.kinds.get(module, "linear"),
-                                        "rank": adapter.rank(module), "alpha": adapter.alpha(module),
-                                        "scale": adapter.scale(module) * scale, "dtype": entry[0],
-                                        "dora": "m" in adapter.modules[module]})
-                dst.write(np.ascontiguousarray(raw).tobytes())
-    return summary
+        with contextlib.ExitStack() as stack:
+            for path, shards in groups:
+                state["path"] = path
+                dst = stack.enter_context(atomic_open(path, "wb"))
+                sizes += _write_file(dst, shards, plan, adapter, scale, unmerge, target, progress, state, total)
+                weight_map.update({n: os.path.basename(path) for s in shards for n in s.entries})
+            if _is_folder(out):
+                _write_model_files(stack, out, ckpt, weight_map, sizes, target, state)
+    except BaseException as exc:
+        if created:  # a folder this merge made and could not fill goes too
+            with contextlib.suppress(OSError):
+                os.rmdir(out)
+        if isinstance(exc, OSError):
+            raise MergeError(f"{exc.filename or state['path']}: cannot write: {exc.strerror or exc}") from None
+        raise
+    rows = [{**r, "scale": r["scale"] * scale} for r in plan.rows]
+    replaced = [{"tensor": b, "from": j.why} for b, j in plan.jobs.items() if j.replace is not None]
+    return {"out": out, "files": paths, "unmerge": unmerge, "dtype": dtype, "modules": rows, "replaced": replaced,
+            "tensors": len(ckpt.entries), "bytes": total}
 
 
-def _apply(adapter: Any, job: tuple[str, str], name: str, raw: np.ndarray, kind: str, scale: float,
-           unmerge: bool) -> np.ndarray:
-    module, role = job
-    if role == "extra":
-        return _from_compute(adapter.extra[name].astype(np.float64), kind) if kind in _FLOAT else \
-            adapter.extra[name].astype(raw.dtype)
-    if kind not in _FLOAT:
-        raise MergeError(f"module {module!r}: base tensor {name!r} has dtype {kind}, which minilora merge cannot handle")
+def _write_file(dst: Any, shards: list, plan: Any, adapter: Any, scale: float, unmerge: bool, target: str | None,
+                progress: Any, state: dict, total: int) -> int:
+    header: dict[str, Any] = {}
+    metadata = shards[0].metadata
+    if metadata:
+        header["__metadata__"] = metadata
+    offset = 0
+    for shard in shards:
+        for name in shard.order():
+            kind, shape, begin, end = shard.entries[name]
+            new_kind = target if target and kind in FLOAT else kind
+            size = (end - begin) // st.DTYPES[kind].itemsize * st.DTYPES[new_kind].itemsize
+            header[name] = {"dtype": new_kind, "shape": list(shape), "data_offsets": [offset, offset + size]}
+            offset += size
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    text += b" " * (-len(text) % 8)
+    dst.write(struct.pack("<Q", len(text)) + text)
+    for shard in shards:
+        with open(shard.path, "rb") as fh:
+            for name in shard.order():
+                kind = shard.entries[name][0]
+                raw = read_tensor(shard, fh, name)
+                state["done"] += raw.nbytes
+                if progress is not None:
+                    progress(name, state["done"], total)
+                if name in plan.jobs:
+                    raw = _apply(adapter, plan.jobs[name], name, raw, kind, scale, unmerge)
+                if target and kind in FLOAT and target != kind:
+                    raw = _from_compute(_to_compute(raw, kind), target)
+                dst.write(np.ascontiguousarray(raw).data)
+    return offset
+
+
+def _write_model_files(stack: Any, out: str, ckpt: Checkpoint, weight_map: dict, size: int, target: str | None,
+                       state: dict) -> None:
+    if ckpt.sharded:
+        state["path"] = os.path.join(out, INDEX_NAME)
+        index = {"metadata": {**ckpt.index_metadata, "total_size": size}, "weight_map": dict(sorted(weight_map.items()))}
+        fh = stack.enter_context(atomic_open(state["path"], "w", encoding="utf-8"))
+        json.dump(index, fh, indent=2)
+        fh.write("\n")
+    if not ckpt.folder:
+        return
+    for name in ("config.json", *MODEL_FILES):
+        src = os.path.join(ckpt.folder, name)
+        if not os.path.isfile(src):
+            continue
+        state["path"] = os.path.join(out, name)
+        if name == "config.json" and target is not None and ckpt.config is not None:
+            config = dict(ckpt.config)
+            for key in ("dtype", "torch_dtype"):
+                if key in config:
+                    config[key] = _TORCH_NAME[target]
+            fh = stack.enter_context(atomic_open(state["path"], "w", encoding="utf-8"))
+            json.dump(config, fh, indent=2, sort_keys=True)
+            fh.write("\n")
+            continue
+        dst = stack.enter_context(atomic_open(state["path"], "wb"))
+        with open(src, "rb") as s:
+            shutil.copyfileobj(s, dst)
+
+
+def _apply(adapter: Any, job: Job, name: str, raw: np.ndarray, kind: str, scale: float, unmerge: bool) -> np.ndarray:
+    if job.replace is not None:  # PEFT loads the saved tensor over the base's (cast to the base dtype)
+        raw = _from_compute(adapter.extra[job.replace].astype(np.float64), kind)
+        if job.role == "replace":
+            return raw
+    module = job.module
     t = adapter.modules[module]
     s = adapter.scale(module) * scale
     value = _to_compute(raw, kind)
+    cd = value.dtype
     with np.errstate(over="ignore", invalid="ignore"):
-        if role == "bias":
-            lb = t["lora_bias"].astype(value.dtype) * value.dtype.type(s)
+        if job.role == "bias":
+            lb = t["lora_bias"].astype(cd) * cd.type(s)
             new = value - lb if unmerge else value + lb
         else:
             embedding = adapter.kinds.get(module) == "embedding"
-            # PEFT rounds the delta to the base dtype before adding it for embeddings and for
-            # unmerge (``delta.to(orig_dtype)``), not for a Linear merge (``weight.data += delta``)
-            rounds = kind in ("F16", "BF16") and (embedding or unmerge) and "m" not in t
-            cd = value.dtype
-            new = merge_weight(value, t["A"].astype(cd), t["B"].astype(cd), scale=cd.type(s),
-                               fan_in_fan_out=embedding or adapter.fan_in_fan_out, unmerge=unmerge,
-                               magnitude=t["m"].astype(cd) if "m" in t else None,
-                               round_delta=(lambda d: _to_compute(_from_compute(d, kind), kind)) if rounds else None)
-    if not np.all(np.isfinite(new)):
-        bad = int(new.size - np.count_nonzero(np.isfinite(new)))
-        raise NonFiniteError(f"module {module!r}: merging gives {bad} non-finite values in {name!r}; "
-                             "the adapter seems broken (OUT was not written)")
+            if not (embedding or unmerge or "m" in t):  # the common case, in place: (B A) s + W
+                A, B = t["A"].astype(cd, copy=False), t["B"].astype(cd, copy=False)
+                new = np.matmul(A.T, B.T) if job.fan_in_fan_out else np.matmul(B, A)
+                new *= cd.type(s)
+                new += value
+            else:
+                # PEFT rounds the delta to the base dtype before adding it for embeddings and for
+                # unmerge (``delta.to(orig_dtype)``), not for a Linear merge (``weight.data += delta``)
+                rounds = kind in ("F16", "BF16") and (embedding or unmerge) and "m" not in t
+                new = merge_weight(value, t["A"].astype(cd), t["B"].astype(cd), scale=cd.type(s),
+                                   fan_in_fan_out=job.fan_in_fan_out, unmerge=unmerge,
+                                   magnitude=t["m"].astype(cd) if "m" in t else None,
+                                   round_delta=(lambda d: _to_compute(_from_compute(d, kind), kind)) if rounds else None)
     out = _from_compute(new, kind)
-    if kind != "F64" and not np.all(np.isfinite(_to_compute(out, kind))):
+    # one check on the rounded result: rounding keeps NaN and infinities, so a finite result means
+    # a finite sum (bfloat16: exponent bits all ones is an infinity or a NaN)
+    bad_out = ((out & np.uint16(0x7F80)) == np.uint16(0x7F80)).any() if kind == "BF16" else not np.isfinite(out).all()
+    if bad_out:
+        if not np.isfinite(new).all():
+            bad = int(new.size - np.count_nonzero(np.isfinite(new)))
+            raise NonFiniteError(f"module {module!r}: merging gives {bad} non-finite values in {name!r}; "
+                                 "the adapter seems broken (OUT was not written)")
         raise NonFiniteError(f"module {module!r}: the merged {name!r} overflows {kind} (OUT was not written)")
     return out

@@ -1,0 +1,238 @@
+"""``minilora merge`` / ``minilora inspect`` as a user runs them: output paths checked before any
+work, inputs never overwritten, signals and write errors leave no temp file, bad indexes refused
+by name, --json, progress on a terminal, ``inspect --base``. NumPy-only fixtures."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+import minilora.cli as cli
+from minilora.formats import safetensors as st
+from minilora.formats.checkpoint import CheckpointError, open_checkpoint
+from minilora.peft.files import PeftFileError, save_peft_adapter
+from minilora.peft.merge import merge_adapter_file
+from minilora.peft.merge_plan import MergeError
+
+REPO = Path(__file__).resolve().parents[2]
+RNG = np.random.default_rng(0)
+BASE = {"fc.weight": RNG.standard_normal((3, 4)).astype(np.float32), "fc.bias": np.zeros(3, np.float32),
+        "head.weight": RNG.standard_normal((2, 3)).astype(np.float32)}
+
+
+def _setup(tmp: Path) -> tuple[Path, Path]:
+    st.save(BASE, tmp / "base.safetensors")
+    save_peft_adapter(tmp / "ad", {"fc": {"A": RNG.standard_normal((2, 4)), "B": RNG.standard_normal((3, 2))}},
+                      r=2, lora_alpha=4)
+    return tmp / "base.safetensors", tmp / "ad"
+
+
+def _sharded(tmp: Path) -> Path:
+    folder = tmp / "sharded"
+    folder.mkdir()
+    st.save({"fc.weight": BASE["fc.weight"], "fc.bias": BASE["fc.bias"]}, folder / "model-00001-of-00002.safetensors")
+    st.save({"head.weight": BASE["head.weight"]}, folder / "model-00002-of-00002.safetensors")
+    index = {"metadata": {"total_size": 0}, "weight_map": {"fc.weight": "model-00001-of-00002.safetensors",
+                                                           "fc.bias": "model-00001-of-00002.safetensors",
+                                                           "head.weight": "model-00002-of-00002.safetensors"}}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    return folder
+
+
+def _cli(tmp: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, "-m", "minilora", *args], cwd=tmp, env=env, capture_output=True,
+                          text=True, timeout=120)
+
+
+def _one_line(proc: subprocess.CompletedProcess, *fragments: str) -> None:
+    assert proc.returncode == 1, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("minilora: error:"), proc.stderr
+    for f in fragments:
+        assert f in lines[0], (f, lines[0])
+
+
+def test_sharded_index_and_folder_merge_like_the_single_file(tmp_path: Path) -> None:
+    base, ad = _setup(tmp_path)
+    merge_adapter_file(base, ad, tmp_path / "single.safetensors")
+    folder = _sharded(tmp_path)
+    for src in (folder, folder / "model.safetensors.index.json"):
+        merge_adapter_file(src, ad, tmp_path / "one.safetensors")
+        assert st.load(tmp_path / "one.safetensors").keys() == st.load(tmp_path / "single.safetensors").keys()
+        for k, v in st.load(tmp_path / "single.safetensors").items():
+            np.testing.assert_array_equal(st.load(tmp_path / "one.safetensors")[k], v)
+    merge_adapter_file(folder, ad, tmp_path / "outdir/")
+    index = json.loads((tmp_path / "outdir" / "model.safetensors.index.json").read_text())
+    assert index["weight_map"] == json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"]
+    merged = st.load(tmp_path / "outdir" / "model-00001-of-00002.safetensors")
+    np.testing.assert_array_equal(merged["fc.weight"], st.load(tmp_path / "single.safetensors")["fc.weight"])
+    assert index["metadata"]["total_size"] == sum(v.nbytes for v in BASE.values())
+
+
+@pytest.mark.parametrize(("edit", "match"), [
+    (lambda f, i: i["weight_map"].update({"head.weight": "model-00003-of-00002.safetensors"}),
+     r"shard 'model-00003-of-00002\.safetensors' .* is missing"),
+    (lambda f, i: i["weight_map"].pop("fc.bias"), r"holds tensor 'fc\.bias' but the index does not name it"),
+    (lambda f, i: i["weight_map"].update({"extra.weight": "model-00002-of-00002.safetensors"}),
+     r"lacks tensor 'extra\.weight'"),
+    (lambda f, i: st.save({"head.weight": BASE["head.weight"], "fc.bias": BASE["fc.bias"]},
+                          f / "model-00002-of-00002.safetensors"), r"tensor 'fc\.bias' is also in"),
+    (lambda f, i: i["weight_map"].update({"head.weight": "../x.safetensors"}), "is not a file name"),
+])
+def test_bad_index_is_refused_by_name(tmp_path: Path, edit: Any, match: str) -> None:
+    folder = _sharded(tmp_path)
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    edit(folder, index)
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match=match):
+        open_checkpoint(folder)
+    _, ad = _setup(tmp_path)
+    _one_line(_cli(tmp_path, "merge", str(folder), str(ad), "o.safetensors"), "sharded")
+    assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_ambiguous_prefix_is_refused(tmp_path: Path) -> None:
+    _, ad = _setup(tmp_path)
+    st.save({**BASE, "model.fc.weight": BASE["fc.weight"]}, tmp_path / "amb.safetensors")
+    with pytest.raises(MergeError, match=r"'fc\.weight' is ambiguous .*'fc\.weight', 'model\.fc\.weight'"):
+        merge_adapter_file(tmp_path / "amb.safetensors", ad, tmp_path / "o.safetensors")
+
+
+@pytest.mark.parametrize("where", ["adapter_file", "adapter_folder", "inside_adapter", "base", "shard"])
+def test_out_that_is_an_input_is_refused_before_work(tmp_path: Path, where: str) -> None:
+    base, ad = _setup(tmp_path)
+    folder = _sharded(tmp_path)
+    src = folder if where == "shard" else base
+    out = {"adapter_file": ad / "adapter_model.safetensors", "adapter_folder": ad, "inside_adapter": ad / "new.safetensors",
+           "base": base, "shard": folder / "model-00002-of-00002.safetensors"}[where]
+    before = {p: p.read_bytes() for p in [*ad.iterdir(), base, *folder.iterdir()]}
+    proc = _cli(tmp_path, "merge", str(src), str(ad), str(out))
+    _one_line(proc, "OUT")
+    assert {p: p.read_bytes() for p in before} == before
+    assert sorted(ad.iterdir()) == sorted(p for p in before if p.parent == ad)
+
+
+def test_out_folder_problems_are_one_line_before_work(tmp_path: Path) -> None:
+    base, ad = _setup(tmp_path)
+    _one_line(_cli(tmp_path, "merge", str(base), str(ad), "missing/o.safetensors"), "missing", "does not exist")
+    (tmp_path / "afile").write_text("x")
+    _one_line(_cli(tmp_path, "merge", str(base), str(ad), "afile/"), "afile", "not a folder")
+    (tmp_path / "ro").mkdir()
+    os.chmod(tmp_path / "ro", 0o555)
+    try:
+        if not os.access(tmp_path / "ro", os.W_OK):  # root can write anywhere
+            _one_line(_cli(tmp_path, "merge", str(base), str(ad), "ro/o.safetensors"), "ro", "not writable")
+    finally:
+        os.chmod(tmp_path / "ro", 0o755)
+    assert _cli(tmp_path, "merge", str(base), str(ad), "newdir/").returncode == 0
+    assert st.load(tmp_path / "newdir" / "model.safetensors").keys() == BASE.keys()
+
+
+def test_adapter_without_lora_tensors_is_an_error(tmp_path: Path) -> None:
+    base, ad = _setup(tmp_path)
+    st.save({"base_model.model.fc.bias": np.ones(3, np.float32)}, ad / "adapter_model.safetensors")
+    cfg = json.loads((ad / "adapter_config.json").read_text())
+    (ad / "adapter_config.json").write_text(json.dumps({**cfg, "bias": "all"}))
+    with pytest.raises(PeftFileError, match="adapter_model.safetensors: holds no LoRA tensors"):
+        merge_adapter_file(base, ad, tmp_path / "o.safetensors")
+    assert not (tmp_path / "o.safetensors").exists()
+
+
+@pytest.mark.parametrize(("code", "reason"), [(errno.ENOSPC, "No space left on device"),
+                                              (errno.EROFS, "Read-only file system")])
+def test_write_error_is_one_line_naming_the_path(tmp_path: Path, code: int, reason: str, monkeypatch: Any,
+                                                 capsys: Any) -> None:
+    base, ad = _setup(tmp_path)
+    out = tmp_path / "o.safetensors"
+    out.write_bytes(b"old OUT")
+    import minilora.formats.fileio as fileio
+
+    real = fileio.os.fsync
+
+    def fsync(fd: int) -> None:
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(fileio.os, "fsync", fsync)
+    assert cli.main(["merge", str(base), str(ad), str(out)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(out) in err[0] and reason in err[0], err
+    monkeypatch.setattr(fileio.os, "fsync", real)
+    assert out.read_bytes() == b"old OUT"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ad", "base.safetensors", "o.safetensors"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGHUP", "SIGQUIT", "SIGINT"])
+def test_signal_removes_the_temp_file_and_keeps_old_out(tmp_path: Path, sig: str) -> None:
+    big = {f"l{i}.weight": np.ones((256, 256), np.float32) for i in range(40)} | {"fc.weight": BASE["fc.weight"]}
+    st.save(big, tmp_path / "base.safetensors")
+    (tmp_path / "x").mkdir()
+    _, ad = _setup(tmp_path / "x")
+    out = tmp_path / "o.safetensors"
+    out.write_bytes(b"old OUT")
+    # a merge slowed down inside the write loop, so the signal lands while the temp file exists
+    script = ("import time, minilora.peft.merge as m, minilora.cli as cli\n"
+              "orig = m.read_tensor\n"
+              "def slow(*a):\n    time.sleep(0.05)\n    return orig(*a)\n"
+              "m.read_tensor = slow\n"
+              f"raise SystemExit(cli.main(['merge', {str(tmp_path / 'base.safetensors')!r}, {str(ad)!r}, {str(out)!r}]))\n")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-c", script], env=env, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while not any(p.name.endswith(".tmp") for p in tmp_path.iterdir()):
+        assert time.time() < deadline and proc.poll() is None, "the merge never started writing"
+        time.sleep(0.01)
+    proc.send_signal(getattr(signal, sig))
+    proc.wait(timeout=60)
+    assert proc.returncode != 0
+    assert out.read_bytes() == b"old OUT"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base.safetensors", "o.safetensors", "x"]
+    assert "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_json_summary_progress_and_inspect_base(tmp_path: Path, capsys: Any, monkeypatch: Any) -> None:
+    base, ad = _setup(tmp_path)
+    assert cli.main(["merge", str(base), str(ad), str(tmp_path / "o.safetensors"), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["modules"][0]["module"] == "fc" and report["modules"][0]["tensor"] == "fc.weight"
+    assert report["tensors"] == 3 and report["files"] == [str(tmp_path / "o.safetensors")]
+
+    class Tty:
+        def __init__(self) -> None:
+            self.text = ""
+
+        def isatty(self) -> bool:
+            return True
+
+        def write(self, s: str) -> None:
+            self.text += s
+
+        def flush(self) -> None:
+            pass
+
+    tty = Tty()
+    monkeypatch.setattr(sys, "stderr", tty)
+    assert cli.main(["merge", str(base), str(ad), str(tmp_path / "o2.safetensors")]) == 0
+    assert "merging 100%" in tty.text
+    monkeypatch.undo()
+    capsys.readouterr()
+    st.save({**BASE, "fc.weight": np.zeros((5, 5), np.float32)}, tmp_path / "bad.safetensors")
+    before = sorted(tmp_path.iterdir())
+    assert cli.main(["inspect", str(ad), "--base", str(tmp_path / "bad.safetensors")]) == 1
+    text = capsys.readouterr().out
+    assert "REFUSED  fc: module 'fc': base tensor 'fc.weight' has shape (5, 5)" in text
+    assert cli.main(["inspect", str(ad), "--base", str(base), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert [r["module"] for r in info["base"]["merged"]] == ["fc"] and info["base"]["refused"] == []
+    assert sorted(tmp_path.iterdir()) == before  # inspect writes nothing
