@@ -38,7 +38,7 @@ import autograd.numpy as anp
 import numpy as np
 from autograd.tracer import getval
 
-from minilora._checks import check_choice, check_rank, check_real, check_rng
+from minilora._checks import check_bool, check_choice, check_rank, check_real, check_rng
 from minilora.errors import MiniLoraValueError, ShapeError
 from minilora.layers import LORA_INITS, dense, dense_init, lora_dense, lora_init, merge, unmerge
 from minilora.ops import tanh
@@ -181,6 +181,7 @@ def add_lora(params: dict, targets: Any, rank: int, alpha: float, *, rng: Any, r
     """
     rng = check_rng(rng)
     check_choice(init, "init", INITS)
+    use_rslora = check_bool(use_rslora, "use_rslora")
     chosen = targeted_modules(params, targets, exclude=exclude, output_layer=output_layer)
     out = dict(params)
     for name in chosen:
