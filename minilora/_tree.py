@@ -98,6 +98,9 @@ def check_same_structure(params: Any, other: Any, name: str, *, same_dtype: bool
         if ps != os_:
             raise MiniLoraValueError(f"{name}{path} has shape {os_} but params{path} has shape {ps}")
         if same_dtype and getattr(p, "dtype", None) != o.dtype:
+            if getattr(o.dtype, "isnative", True) is False:
+                raise MiniLoraTypeError(f"{name}{path} has non-native byte order ({o.dtype.str}); convert it first, "
+                                        "e.g. a.astype(a.dtype.newbyteorder('='))")
             raise MiniLoraTypeError(
                 f"{name}{path} has dtype {o.dtype} but params{path} has dtype {getattr(p, 'dtype', None)}; "
                 "mixed dtypes are refused, not promoted (cast explicitly)"

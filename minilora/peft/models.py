@@ -226,6 +226,7 @@ def merge_all(params: dict, adapters: Any = None, *, unload: bool = False) -> di
     """W' = W + sum_a s_a B_a A_a over the selected unmerged adapters (default all) of every
     layer (PEFT ``merge_adapter``); merged adapters move to "merged", so ``unmerge_all`` can
     undo it. ``unload=True`` drops every adapter afterwards (``merge_and_unload``)."""
+    unload = check_bool(unload, "unload")
     out = {}
     for name, layer in params.items():
         if not (isinstance(layer, dict) and layer.get("lora")):
