@@ -39,6 +39,8 @@ def check_bool(value: Any, name: str) -> bool:
 def check_count(value: Any, name: str) -> int:
     """A non-negative integer such as a step count (``bool`` refused; NumPy integers accepted).
     Anything else is a bad value (``MiniLoraValueError``), as ``fit``'s steps always were."""
+    if type(value) is int and value >= 0:  # fast path, run at every adam_step
+        return value
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise MiniLoraValueError(f"{name} must be a non-negative integer; got {value!r} ({type(value).__name__})")
     if value < 0:

@@ -105,7 +105,7 @@ def output_file_problem(option: str, path: str) -> str | None:
         return f"{label}: exists and is not a regular file"
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
-        return f"{label}: folder {folder} does not exist"
+        return f"{option + ': ' if option else ''}folder {folder} does not exist (for {path})"
     return _probe(label, folder)
 
 
