@@ -26,6 +26,28 @@ def check_rank(rank: Any, name: str = "rank") -> int:
     return int(rank)
 
 
+def check_bool(value: Any, name: str) -> bool:
+    """A flag: ``True``/``False`` or a NumPy bool. A truthy string such as ``"no"`` is refused,
+    never read as ``True``."""
+    if value is True or value is False:  # fast path, run at every step
+        return value
+    if isinstance(value, np.bool_):
+        return bool(value)
+    raise MiniLoraTypeError(f"{name} must be a bool (True or False); got {value!r} ({type(value).__name__})")
+
+
+def check_count(value: Any, name: str) -> int:
+    """A non-negative integer such as a step count (``bool`` refused; NumPy integers accepted).
+    Anything else is a bad value (``MiniLoraValueError``), as ``fit``'s steps always were."""
+    if type(value) is int and value >= 0:  # fast path, run at every adam_step
+        return value
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise MiniLoraValueError(f"{name} must be a non-negative integer; got {value!r} ({type(value).__name__})")
+    if value < 0:
+        raise MiniLoraValueError(f"{name} must be a non-negative integer; got {value}")
+    return int(value)
+
+
 def check_dim(value: Any, name: str) -> int:
     """A positive integer dimension such as d_in or d_out."""
     return check_rank(value, name)
@@ -82,12 +104,17 @@ def check_floats(**arrays: Any) -> Any:
             break
         first = v.dtype
     else:
-        if first is None or first.kind == "f":
+        if first is None or (first.kind == "f" and first.isnative):
             return np
     present = {k: check_array(v, k) for k, v in arrays.items() if v is not None}
     xp = namespace_of(*present.values())
     first = None
     for name, a in present.items():
+        if xp is np and not a.dtype.isnative:
+            raise MiniLoraTypeError(
+                f"{name} has non-native byte order ({a.dtype.str}); convert it first, e.g. "
+                f"{name}.astype({name}.dtype.newbyteorder('='))"
+            )
         if not _is_real_float(xp, a.dtype):
             raise MiniLoraTypeError(
                 f"{name} must have a real floating dtype (float16/float32/float64); got {a.dtype}"
@@ -105,8 +132,16 @@ def check_floats(**arrays: Any) -> Any:
 def check_array(a: Any, name: str) -> Any:
     """The value inside ``a`` if it is an array (has shape and dtype); else MiniLoraTypeError."""
     value = getval(a)
+    if type(value) is np.ndarray:  # fast path, run at every step
+        return value
     if not (hasattr(value, "shape") and hasattr(value, "dtype")):
         raise MiniLoraTypeError(f"{name} must be an array; got {type(value).__name__}")
+    if isinstance(value, np.matrix | np.ma.MaskedArray):
+        raise MiniLoraTypeError(
+            f"{name} must be a plain array; got {type(value).__module__}.{type(value).__name__}, whose "
+            f"{'mask' if isinstance(value, np.ma.MaskedArray) else '* and shapes'} minilora would not honour "
+            f"(pass np.asarray({name}){' or its .filled() values' if isinstance(value, np.ma.MaskedArray) else ''})"
+        )
     return value
 
 

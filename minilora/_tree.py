@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from minilora.errors import MiniLoraValueError
+from minilora.errors import MiniLoraTypeError, MiniLoraValueError
 
 __all__ = ["tree_map", "tree_paths", "tree_leaves", "path_str", "labelled_leaves", "tree_flatten",
            "tree_unflatten", "check_same_structure"]
@@ -68,21 +68,22 @@ def tree_unflatten(tree: Any, values: Any) -> Any:
     return tree_map(lambda _leaf: next(it), tree)
 
 
-def _same_flat_dicts(params: Any, other: Any) -> bool:
+def _same_flat_dicts(params: Any, other: Any, same_dtype: bool) -> bool:
     """True when both are flat dicts of NumPy arrays with the same keys in the same order and
-    the same shapes: the usual adapter, checked at every step without walking a tree."""
+    the same shapes (and dtypes): the usual adapter, checked at every step without walking a tree."""
     if type(params) is not dict or type(other) is not dict or len(params) != len(other):
         return False
     for (k, p), (ko, o) in zip(params.items(), other.items(), strict=True):
-        if k != ko or type(p) is not np.ndarray or type(o) is not np.ndarray or p.shape != o.shape:
+        if k != ko or type(p) is not np.ndarray or type(o) is not np.ndarray or p.shape != o.shape or (
+                same_dtype and p.dtype != o.dtype):
             return False
     return True
 
 
-def check_same_structure(params: Any, other: Any, name: str) -> None:
-    """Refuse ``other`` unless it has the paths and leaf shapes of ``params`` (naming the first
-    difference)."""
-    if _same_flat_dicts(params, other):
+def check_same_structure(params: Any, other: Any, name: str, *, same_dtype: bool = False) -> None:
+    """Refuse ``other`` unless it has the paths and leaf shapes (with ``same_dtype``: and dtypes)
+    of ``params``, naming the first difference (with ``same_dtype`` every leaf must be an array)."""
+    if _same_flat_dicts(params, other, same_dtype):
         return
     p_leaves, o_leaves = labelled_leaves(params), labelled_leaves(other)
     p_paths, o_paths = [p for p, _ in p_leaves], [p for p, _ in o_leaves]
@@ -91,6 +92,16 @@ def check_same_structure(params: Any, other: Any, name: str) -> None:
             f"{name} must have the same structure as params; params has {p_paths}, {name} has {o_paths}"
         )
     for (path, p), (_, o) in zip(p_leaves, o_leaves, strict=True):
+        if same_dtype and not (hasattr(o, "shape") and hasattr(o, "dtype")):
+            raise MiniLoraTypeError(f"{name}{path} must be an array; got {type(o).__name__}")
         ps, os_ = tuple(getattr(p, "shape", ())), tuple(getattr(o, "shape", ()))
         if ps != os_:
             raise MiniLoraValueError(f"{name}{path} has shape {os_} but params{path} has shape {ps}")
+        if same_dtype and getattr(p, "dtype", None) != o.dtype:
+            if getattr(o.dtype, "isnative", True) is False:
+                raise MiniLoraTypeError(f"{name}{path} has non-native byte order ({o.dtype.str}); convert it first, "
+                                        "e.g. a.astype(a.dtype.newbyteorder('='))")
+            raise MiniLoraTypeError(
+                f"{name}{path} has dtype {o.dtype} but params{path} has dtype {getattr(p, 'dtype', None)}; "
+                "mixed dtypes are refused, not promoted (cast explicitly)"
+            )

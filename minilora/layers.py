@@ -20,6 +20,7 @@ from autograd.tracer import Box, getval
 from minilora import ops
 from minilora._checks import (
     check_array,
+    check_bool,
     check_choice,
     check_dim,
     check_floats,
@@ -31,7 +32,7 @@ from minilora._checks import (
     get_key,
 )
 from minilora.backend import get_backend, namespace_of
-from minilora.errors import NonFiniteError, ShapeError
+from minilora.errors import MiniLoraTypeError, NonFiniteError, ShapeError
 
 __all__ = [
     "dense_init",
@@ -60,6 +61,7 @@ def dense_init(rng: Any, d_in: int, d_out: int, *, bias: bool = True, dtype: Any
     """
     rng = check_rng(rng)
     d_in, d_out = check_dim(d_in, "d_in"), check_dim(d_out, "d_out")
+    bias = check_bool(bias, "bias")
     be = get_backend()
     dt = be.dtype(dtype)
     bound = 1.0 / math.sqrt(d_in)
@@ -71,6 +73,7 @@ def dense_init(rng: Any, d_in: int, d_out: int, *, bias: bool = True, dtype: Any
 
 def base_operands(params: Any, x: Any, fan_in_fan_out: bool) -> tuple[Any, Any, int, int]:
     """Validate a dense layer's params against x; return (W, b or None, d_in, d_out)."""
+    fan_in_fan_out = check_bool(fan_in_fan_out, "fan_in_fan_out")
     W = get_key(params, "W", "params")
     b = params["b"] if getval(params).get("b") is not None else None
     check_ndim(W, 'params["W"]', 2, "(d_in, d_out)" if fan_in_fan_out else "(d_out, d_in)")
@@ -126,6 +129,7 @@ def lora_scale(alpha: float, rank: int, *, rslora: bool = False) -> float:
     PEFT ``use_rslora``)."""
     rank = check_rank(rank)
     alpha = check_real(alpha, "alpha")
+    rslora = check_bool(rslora, "rslora")
     return alpha / math.sqrt(rank) if rslora else alpha / rank
 
 
@@ -183,7 +187,7 @@ def _usual_operands(params: Any, lora: Any, x: Any, scale: Any, fan_in_fan_out: 
     if type(W) is not np.ndarray or type(A) is not np.ndarray or type(B) is not np.ndarray:
         return None
     dt = x.dtype
-    if dt.kind != "f" or W.dtype != dt or A.dtype != dt or B.dtype != dt or W.ndim != 2 or A.ndim != 2 \
+    if dt.kind != "f" or not dt.isnative or type(fan_in_fan_out) is not bool or W.dtype != dt or A.dtype != dt or B.dtype != dt or W.ndim != 2 or A.ndim != 2 \
             or x.ndim < 1 or not math.isfinite(scale):
         return None
     d_in, d_out = W.shape if fan_in_fan_out else W.shape[::-1]
@@ -201,7 +205,10 @@ def dropout_mask(rng: Any, shape: tuple[int, ...], p: float, dtype: Any = "float
     """
     rng = check_rng(rng)
     p = check_real(p, "p", low=0.0, high=1.0)
-    shape = tuple(check_dim(s, "shape entry") for s in shape)
+    if not isinstance(shape, tuple | list):
+        raise MiniLoraTypeError(f"shape must be a tuple of positive integers (e.g. x.shape); got {shape!r} "
+                                f"({type(shape).__name__})")
+    shape = tuple(check_dim(s, f"shape[{i}]") for i, s in enumerate(shape))
     be = get_backend()
     dt = be.dtype(dtype)
     if p == 1.0:
@@ -219,6 +226,7 @@ def delta_weight(lora: dict, *, scale: float = 1.0, fan_in_fan_out: bool = False
     r = getval(A).shape[0]
     check_shape(B, 'lora["B"]', (getval(B).shape[0], r), "(d_out, r)")
     scale = check_real(scale, "scale")
+    fan_in_fan_out = check_bool(fan_in_fan_out, "fan_in_fan_out")
     check_floats(A=A, B=B)
     return ops.lora_delta(A, B, scale=scale, fan_in_fan_out=fan_in_fan_out)
 
@@ -248,6 +256,7 @@ def merge_weight(W: Any, A: Any, B: Any, *, scale: Any = 1.0, fan_in_fan_out: bo
 
 
 def _merged(params: dict, lora: dict, scale: float, fan_in_fan_out: bool, sign: float) -> dict:
+    fan_in_fan_out = check_bool(fan_in_fan_out, "fan_in_fan_out")
     W = get_key(params, "W", "params")
     check_ndim(W, 'params["W"]', 2, "(d_in, d_out)" if fan_in_fan_out else "(d_out, d_in)")
     shape = tuple(getval(W).shape)

@@ -31,7 +31,7 @@ REDUCTIONS = ("mean", "sum")
 def _check(pred: Any, target: Any, reduction: str) -> bool:
     p = pred._value if type(pred) is ArrayBox else pred
     if type(p) is np.ndarray and type(target) is np.ndarray and p.shape == target.shape and \
-            p.dtype == target.dtype and p.dtype.kind == "f" and type(reduction) is str and reduction in REDUCTIONS:
+            p.dtype == target.dtype and p.dtype.kind == "f" and p.dtype.isnative and type(reduction) is str and reduction in REDUCTIONS:
         return reduction == "mean"  # the usual call, at every training step: nothing to report
     check_choice(reduction, "reduction", REDUCTIONS)
     ps, ts = tuple(check_array(pred, "pred").shape), tuple(check_array(target, "target").shape)

@@ -24,7 +24,7 @@ from typing import Any, NamedTuple
 import numpy as np
 from autograd.tracer import getval
 
-from minilora._checks import check_real
+from minilora._checks import check_bool, check_count, check_floats, check_real
 from minilora._tree import check_same_structure, labelled_leaves, tree_flatten, tree_map
 from minilora.backend import namespace_of
 from minilora.errors import MiniLoraTypeError, MiniLoraValueError
@@ -57,10 +57,10 @@ def adam_init(params: Any, *, amsgrad: bool = False) -> dict:
     """Zero moments for every array in ``params`` (any dict/list/tuple tree) and step 0.
 
     Returns {"step": 0, "m": zeros like params, "v": zeros like params} (+ "v_max" for amsgrad).
+    Every leaf must be a real floating array (integer, complex and object arrays are refused).
     """
-    for path, leaf in labelled_leaves(params):
-        if not hasattr(leaf, "shape"):
-            raise MiniLoraTypeError(f"params{path} must be an array; got {type(leaf).__name__}")
+    amsgrad = check_bool(amsgrad, "amsgrad")
+    check_param_leaves(params)
 
     def zeros(a: Any) -> Any:
         return namespace_of(a).zeros_like(a)
@@ -102,7 +102,8 @@ def adam_options(
     b2 = check_real(betas[1], "betas[1]", low=0.0, high=1.0, high_open=True)
     eps = check_real(eps, "eps", low=0.0)
     wd = check_real(weight_decay, "weight_decay", low=0.0)
-    return AdamOptions(lr, b1, b2, eps, wd, bool(decoupled), bool(amsgrad), bool(maximize))
+    return AdamOptions(lr, b1, b2, eps, wd, check_bool(decoupled, "decoupled"), check_bool(amsgrad, "amsgrad"),
+                       check_bool(maximize, "maximize"))
 
 
 def adam_step(
@@ -125,18 +126,37 @@ def adam_step(
     """
     opts = adam_options(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, decoupled=decoupled,
                         amsgrad=amsgrad, maximize=maximize)
-    check_adam_state(params, state, amsgrad)
+    check_adam_state(params, state, opts.amsgrad)
     grads = getval(grads)
-    check_same_structure(params, grads, "grads")
+    check_same_structure(params, grads, "grads", same_dtype=True)
     return adam_apply(params, grads, state, opts)
 
 
+def check_param_leaves(params: Any) -> None:
+    """Every leaf of ``params`` is a real floating array (NumPy or another backend's)."""
+    if type(params) is dict:  # fast path, run at every adam_step: a flat dict of float arrays
+        for p in params.values():
+            if type(p) is not np.ndarray or p.dtype.kind != "f" or not p.dtype.isnative:
+                break
+        else:
+            return
+    for path, leaf in labelled_leaves(params):
+        if not (hasattr(leaf, "shape") and hasattr(leaf, "dtype")):
+            raise MiniLoraTypeError(f"params{path} must be an array; got {type(leaf).__name__}")
+        check_floats(**{f"params{path}": leaf})
+
+
 def check_adam_state(params: Any, state: Any, amsgrad: bool) -> None:
+    """``state`` fits ``params``: a step count, and m, v (and v_max for amsgrad) with exactly the
+    params' structure, shapes and dtypes (a missing or extra leaf is refused, never dropped)."""
     if not isinstance(state, dict) or not {"step", "m", "v"} <= set(state):
         raise MiniLoraValueError("state must be the dict returned by adam_init (keys 'step', 'm', 'v')")
     if amsgrad and "v_max" not in state:
         raise MiniLoraValueError("amsgrad=True needs a state from adam_init(params, amsgrad=True)")
-    check_same_structure(params, state["m"], "state['m']")
+    check_count(state["step"], "state['step']")
+    check_param_leaves(params)
+    for key in ("m", "v", "v_max") if amsgrad else ("m", "v"):
+        check_same_structure(params, state[key], f"state[{key!r}]", same_dtype=True)
 
 
 def adam_leaf(opts: AdamOptions, t: int, p: Any, g: Any, m: Any, v: Any, v_max: Any = None) -> tuple[Any, ...]:

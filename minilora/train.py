@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 from collections.abc import Callable
 from typing import Any
 
@@ -17,6 +18,7 @@ import numpy as np
 from autograd.core import make_vjp, vspace
 from autograd.tracer import getval
 
+from minilora._checks import check_bool, check_count, check_floats
 from minilora._tree import check_same_structure, labelled_leaves, tree_flatten
 from minilora.backend import namespace_of
 from minilora.errors import MiniLoraTypeError, MiniLoraValueError, NonFiniteError
@@ -35,10 +37,12 @@ def _register(tree: Any) -> None:
 def grad(fun: Callable, argnum: int | tuple[int, ...] = 0) -> Callable:
     """autograd's ``grad`` (gradient of a scalar function w.r.t. argument ``argnum``), also for
     non-NumPy array types: the returned function has the structure of that argument."""
+    argnum = _check_argnum(argnum)
     g = _lean_value_and_grad(fun, argnum) if type(argnum) is int else autograd.grad(fun, argnum)
 
     @functools.wraps(fun)
     def grad_fun(*args: Any, **kwargs: Any) -> Any:
+        _check_argnums_in_range(argnum, args)
         _register(args)
         out = g(*args, **kwargs)
         return out[1] if type(argnum) is int else out
@@ -48,14 +52,38 @@ def grad(fun: Callable, argnum: int | tuple[int, ...] = 0) -> Callable:
 
 def value_and_grad(fun: Callable, argnum: int | tuple[int, ...] = 0) -> Callable:
     """autograd's ``value_and_grad``: returns ``(fun(*args), gradient w.r.t. argnum)``."""
+    argnum = _check_argnum(argnum)
     vg = _lean_value_and_grad(fun, argnum) if type(argnum) is int else autograd.value_and_grad(fun, argnum)
 
     @functools.wraps(fun)
     def value_and_grad_fun(*args: Any, **kwargs: Any) -> Any:
+        _check_argnums_in_range(argnum, args)
         _register(args)
         return vg(*args, **kwargs)
 
     return value_and_grad_fun
+
+
+def _check_argnum(argnum: Any) -> int | tuple[int, ...]:
+    """An argument index (an int; NumPy integers accepted) or a non-empty tuple of them."""
+    def index(a: Any) -> int | None:
+        return None if isinstance(a, bool) or not isinstance(a, numbers.Integral) else int(a)
+
+    if (i := index(argnum)) is not None:
+        return i
+    if isinstance(argnum, tuple) and argnum and all(index(a) is not None for a in argnum):
+        return tuple(int(a) for a in argnum)
+    raise MiniLoraTypeError(f"argnum must be an int or a non-empty tuple of ints; got {argnum!r} "
+                            f"({type(argnum).__name__})")
+
+
+def _check_argnums_in_range(argnum: int | tuple[int, ...], args: tuple) -> None:
+    """A tuple argnum's indices against the call's positional arguments (an int's: in the
+    lean path, ``_lean_value_and_grad``)."""
+    if type(argnum) is tuple:
+        for a in argnum:
+            if not -len(args) <= a < len(args):
+                raise MiniLoraValueError(f"argnum {argnum} is out of range for {len(args)} positional arguments")
 
 
 def _lean_value_and_grad(fun: Callable, argnum: int = 0) -> Callable:
@@ -76,7 +104,11 @@ def _lean_value_and_grad(fun: Callable, argnum: int = 0) -> Callable:
             if ans.size != 1:
                 raise MiniLoraTypeError(f"the loss must be a scalar; the function returned shape {ans.shape}")
             return ans, vjp(np.ones(ans.shape, ans.dtype))
-        space = vspace(ans)
+        try:
+            space = vspace(ans)
+        except TypeError:
+            raise MiniLoraTypeError(f"the loss (the differentiated function's result) must be a real scalar "
+                                    f"(a float or a 0-d float array); got {type(ans).__name__}") from None
         if space.size != 1:
             raise MiniLoraTypeError(f"the loss must be a scalar; the function returned "
                                     f"{type(ans).__name__} of size {space.size}")
@@ -194,11 +226,19 @@ class _FlatAdam:
                                                        self.m, self.v, self.v_max)
         return self.split(self.p)
 
-    def state(self) -> dict:
-        out = {"step": self.t, "m": self.split(self.m), "v": self.split(self.v)}
-        if self.v_max is not None:
-            out["v_max"] = self.split(self.v_max)
+    def moments(self) -> tuple:
+        """This step's (t, m, v, v_max): a tuple, no copy (the arrays are never written again)."""
+        return (self.t, self.m, self.v, self.v_max)
+
+    def state_of(self, moments: tuple) -> dict:
+        t, m, v, v_max = moments
+        out = {"step": t, "m": self.split(m), "v": self.split(v)}
+        if v_max is not None:
+            out["v_max"] = self.split(v_max)
         return out
+
+    def state(self) -> dict:
+        return self.state_of(self.moments())
 
 
 def fit(
@@ -230,8 +270,8 @@ def fit(
     A non-finite loss raises ``NonFiniteError`` naming the step; its ``partial`` holds
     ``(params, losses, state)`` as of the last finite step, so nothing is lost.
     """
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
-        raise MiniLoraValueError(f"steps must be a non-negative integer; got {steps!r}")
+    steps = check_count(steps, "steps")
+    return_state = check_bool(return_state, "return_state")
     if not (callable(data_or_args) or isinstance(data_or_args, tuple)):
         raise MiniLoraTypeError(
             f"data_or_args must be a tuple of arguments or a callable step -> tuple; "
@@ -245,21 +285,27 @@ def fit(
     losses: list[float] = []
     _register((params, data_or_args if isinstance(data_or_args, tuple) else ()))
     flat = _FlatAdam(params, state, opts) if _FlatAdam.usable(params, state) else None
+    one_array = flat
+    # the last params known finite and their state (on the one-array path its moments, made a
+    # state only if needed): the error's partial
+    previous: tuple = (params, state)
     for step in range(1, steps + 1):
         if callable(data_or_args):
             args = data_or_args(step)
+            if type(args) is not tuple:
+                raise MiniLoraTypeError(f"data_or_args({step}) must return a tuple of arguments; got {type(args).__name__}")
             _register(args)
         else:
             args = data_or_args
         loss, grads = vg(params, *args)
+        if step == 1:  # what the loss gives is checked once per run, not at every step
+            _check_loss_and_grads(loss, grads, params)
         value = float(loss)
         if not math.isfinite(value):
-            raise NonFiniteError(
-                f"loss became non-finite ({value}) at step {step}; params are returned as of step "
-                f"{step - 1} in the error's .partial; try a smaller lr",
-                partial=(params, losses, state if flat is None else flat.state()),
-            )
+            raise _non_finite(f"loss became non-finite ({value}) at step {step}", step, params,
+                              state if flat is None else flat.state(), _as_state(one_array, previous), losses)
         losses.append(value)
+        previous = (params, state if flat is None else flat.moments())
         leaves = None if flat is None else flat.grads_fit(grads)
         if leaves is not None:
             params = flat.step(leaves)  # type: ignore[union-attr]
@@ -272,4 +318,47 @@ def fit(
             break
     if flat is not None:
         state = flat.state()
+    if losses and not _all_finite(params):  # the last gradient went non-finite, the loss never saw it
+        raise _non_finite(f"params became non-finite at step {len(losses)} (a non-finite gradient)",
+                          len(losses) + 1, params, state, _as_state(one_array, previous), losses)
     return (params, losses, state) if return_state else (params, losses)
+
+
+def _check_loss_and_grads(loss: Any, grads: Any, params: Any) -> None:
+    """The loss is a real float scalar (shape ()) and its gradient has the params' dtypes."""
+    value = getval(loss)
+    if not isinstance(value, float | np.floating):
+        if not (hasattr(value, "shape") and hasattr(value, "dtype")):
+            raise MiniLoraTypeError(f"loss_fn must return a real scalar (a float or a 0-d float array); "
+                                    f"got {type(value).__name__}")
+        check_floats(**{"loss_fn's result": value})
+        if tuple(value.shape) != ():
+            raise MiniLoraTypeError(f"loss_fn must return a real scalar of shape (); got shape {tuple(value.shape)}")
+    check_same_structure(params, getval(grads), "the gradient of loss_fn", same_dtype=True)
+
+
+def _all_finite(tree: Any) -> bool:
+    for _, leaf in labelled_leaves(tree):
+        xp = namespace_of(leaf)
+        if not bool(xp.all(xp.isfinite(leaf))):
+            return False
+    return True
+
+
+def _as_state(one_array: Any, previous: tuple) -> tuple:
+    """(params, state) from fit's ``previous``, whose state may be the one-array path's moments."""
+    params, state = previous
+    return (params, state) if isinstance(state, dict) else (params, one_array.state_of(state))
+
+
+def _non_finite(what: str, step: int, params: Any, state: dict, previous: tuple, losses: list) -> NonFiniteError:
+    """The error for a non-finite step, whose ``partial`` holds the last finite params: the
+    current ones, or (after a non-finite gradient) those of the step before."""
+    if losses and not _all_finite(params):
+        params, state = previous
+        losses = losses[:-1]
+        step -= 1
+    return NonFiniteError(
+        f"{what}; params are returned as of step {step - 1} in the error's .partial; try a smaller lr",
+        partial=(params, losses, state),
+    )

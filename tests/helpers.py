@@ -281,3 +281,21 @@ def copy_base(torch: Any, net: Any, params: dict) -> None:
             mod.weight.copy_(torch.from_numpy(layer["W"]))
             if "b" in layer:
                 mod.bias.copy_(torch.from_numpy(layer["b"]))
+
+
+# ---------------------------------------------------------------- bad inputs
+
+
+def expect_error(fn: Any, kind: type[BaseException], *fragments: str) -> BaseException:
+    """``fn()`` raises ``kind``, a MiniLoraError (so a ValueError or TypeError of the library, never
+    a raw NumPy/Python one), whose message holds every fragment (the argument's name, the value)."""
+    from minilora.errors import MiniLoraError
+
+    with pytest.raises(kind) as info:
+        fn()
+    err = info.value
+    assert isinstance(err, MiniLoraError), f"{type(err).__name__} is not a MiniLoraError: {err}"
+    message = str(err)
+    for fragment in fragments:
+        assert fragment in message, f"{fragment!r} not in error message {message!r}"
+    return err

@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from typing import Any
 
-from minilora.cli.common import Progress, fail, int_at_least
+from minilora.cli.common import Progress, fail, int_at_least, output_file_problem, writing
 from minilora.formats.fileio import atomic_open
 
 DTYPE_CHOICES = ("float64", "float32", "float16", "bfloat16")
@@ -45,10 +44,8 @@ def run(args: argparse.Namespace) -> int:
     from minilora.testing.adapters import adapter_dtypes, load_adapter
     from minilora.testing.conformance import check, planned
 
-    if args.json:
-        folder = os.path.dirname(os.path.abspath(args.json))
-        if not os.path.isdir(folder):
-            return fail(f"--json: folder {folder} does not exist")
+    if args.json and (problem := output_file_problem("--json", args.json)):
+        return fail(problem)
     adapter = load_adapter(args.target)  # a bad target raises a MiniLoraError: one line from cli.main
     pairs = planned(adapter, args.dtype, args.properties)
     if not pairs:
@@ -76,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(f"all {total} checks passed ({report.seconds:.1f} s)")
     if args.json:
-        with atomic_open(args.json, "w", encoding="utf-8") as fh:
+        with writing("--json", args.json), atomic_open(args.json, "w", encoding="utf-8") as fh:
             json.dump(report.to_dict(), fh, indent=1)
             fh.write("\n")
     sys.stdout.flush()

@@ -1,11 +1,18 @@
 """Shared pieces for the command modules (``minilora/cli/*.py``): integer argument types, the
-progress line, and ``fail`` for a one-line error exit."""
+progress line, ``fail`` for a one-line error exit, and the checks of output paths (before the
+work starts) and of their writes (an OSError as one line naming the path)."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
+import tempfile
+from collections.abc import Iterator
 from typing import Any
+
+from minilora.errors import MiniLoraValueError
 
 EXIT_USAGE = 2
 
@@ -61,3 +68,68 @@ class Progress:
         if self.enabled and self.width:
             self.stream.write("\r" + " " * self.width + "\r")
             self.stream.flush()
+
+
+# ---------------------------------------------------------------- output paths
+
+
+class OutputError(MiniLoraValueError):
+    """An output path that cannot be written (reported by ``cli.main`` as one line)."""
+
+
+def _label(option: str, path: str) -> str:
+    return f"{option} {path}" if option else path
+
+
+def _probe(label: str, folder: str) -> str | None:
+    """Create and remove a file in ``folder``: a read-only or otherwise unwritable location is
+    found before the work, not after it (os.access would say yes to root on a read-only mount)."""
+    try:
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".minilora-probe-", suffix=".tmp")
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as exc:
+        return f"{label}: cannot write in {folder}: {exc.strerror or exc}"
+    return None
+
+
+def output_file_problem(option: str, path: str) -> str | None:
+    """Why ``path`` cannot be written as a file (None when it can): a folder, a name ending in a
+    slash, a missing or unwritable folder, or an existing entry that is not a regular file."""
+    label = _label(option, path)
+    if not path:
+        return f"{option}: an empty path"
+    if path.endswith(("/", os.sep)) or os.path.isdir(path):
+        return f"{label}: is a folder; give a file name"
+    if os.path.lexists(path) and not os.path.isfile(path):
+        return f"{label}: exists and is not a regular file"
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        return f"{option + ': ' if option else ''}folder {folder} does not exist (for {path})"
+    return _probe(label, folder)
+
+
+def output_folder_problem(option: str, path: str) -> str | None:
+    """Why ``path`` cannot be written as an output folder (created if missing; its parent must
+    exist). None when it can."""
+    label = _label(option, path)
+    if not path:
+        return f"{option}: an empty path"
+    if os.path.lexists(path) and not os.path.isdir(path):
+        return f"{label}: exists and is not a folder"
+    if os.path.isdir(path):
+        return _probe(label, path)
+    parent = os.path.dirname(os.path.abspath(path.rstrip("/" + os.sep) or path))
+    if not os.path.isdir(parent):
+        return f"{label}: the folder above it ({parent}) does not exist"
+    return _probe(label, parent)
+
+
+@contextlib.contextmanager
+def writing(option: str, path: str) -> Iterator[None]:
+    """Turn an OSError raised while writing ``path`` (a full disk, a folder gone read-only) into
+    one line naming the path and the reason."""
+    try:
+        yield
+    except OSError as exc:
+        raise OutputError(f"{_label(option, path)}: cannot write: {exc.strerror or ' '.join(str(exc).split())}") from None

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from typing import Any
 
-from minilora.cli.common import Progress, fail, int_at_least
+from minilora.cli.common import Progress, fail, int_at_least, output_file_problem, writing
 from minilora.study.plots import pyplot, save_png
 
 
@@ -48,9 +47,8 @@ def run(args: argparse.Namespace) -> int:
             import matplotlib  # noqa: F401  (fail before training, not after)
         except ImportError as exc:
             return fail(f"--plot needs matplotlib ({exc}): pip install 'minilora[plot]'")
-        folder = os.path.dirname(os.path.abspath(args.plot))
-        if not os.path.isdir(folder):
-            return fail(f"--plot: folder {folder} does not exist")
+        if problem := output_file_problem("--plot", args.plot):
+            return fail(problem)
     device = None
     if args.backend == "array_api_strict":
         try:
@@ -69,7 +67,8 @@ def run(args: argparse.Namespace) -> int:
         finally:
             progress.close()
     if args.plot:
-        _plot_losses(result["losses"], args.plot, title=f"seed experiment, rank {args.rank}")
+        with writing("--plot", args.plot):
+            _plot_losses(result["losses"], args.plot, title=f"seed experiment, rank {args.rank}")
     if args.json:
         report = {k: v for k, v in result.items() if k != "losses"}
         report["losses_tail"] = result["losses"][-3:]

@@ -6,8 +6,9 @@ import argparse
 import importlib
 import os
 import sys
+import warnings
 from collections.abc import Sequence
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from minilora.cli.common import EXIT_USAGE
 from minilora.errors import MiniLoraError
@@ -39,9 +40,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line_warning(message: Any, category: type[Warning], filename: str, lineno: int,
+                      line: str | None = None) -> str:
+    """A warning as one line, without the source line Python prints under it by default."""
+    return f"minilora: warning: {category.__name__}: {' '.join(str(message).split())}\n"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    saved, warnings.formatwarning = warnings.formatwarning, _one_line_warning
     try:
         return int(args.func(args) or 0)
     except MiniLoraError as exc:
@@ -53,3 +61,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # the reader went away (``minilora params | head``): not an error of ours
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
         return 141
+    except OSError as exc:  # a file the command could not read or write: one line, never a traceback
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"minilora: error: {where}{exc.strerror or ' '.join(str(exc).split())}", file=sys.stderr)
+        return 1
+    finally:
+        warnings.formatwarning = saved

@@ -8,7 +8,7 @@ import os
 import time
 from typing import Any
 
-from minilora.cli.common import Progress, fail, int_at_least
+from minilora.cli.common import Progress, fail, int_at_least, output_file_problem, writing
 from minilora.formats.fileio import atomic_open
 from minilora.study.plots import pyplot, save_png
 
@@ -49,11 +49,6 @@ def case_line(done: int, total: int, record: dict) -> str:
     return f"  case {done}/{total}  {record['task']} r={record['rank']} seed {record['seed']}"
 
 
-def _check_folder(option: str, path: str) -> str | None:
-    folder = os.path.dirname(os.path.abspath(path))
-    return None if os.path.isdir(folder) else f"{option}: folder {folder} does not exist"
-
-
 def run(args: argparse.Namespace) -> int:
     from minilora.study.sweep import sweep
 
@@ -63,8 +58,10 @@ def run(args: argparse.Namespace) -> int:
         except ImportError as exc:
             return fail(f"--plot needs matplotlib ({exc}): pip install 'minilora[plot]'")
     for option, path in (("--plot", args.plot), ("--json", args.json)):
-        if path and path != "-" and (problem := _check_folder(option, path)):
+        if path and path != "-" and (problem := output_file_problem(option, path)):
             return fail(problem)
+    if args.plot and args.json and os.path.abspath(args.plot) == os.path.abspath(args.json):
+        return fail(f"--plot and --json name the same file {args.plot}")
     if not args.connect_timeout > 0:
         return fail(f"--connect-timeout must be > 0 seconds; got {args.connect_timeout}")
     if len(set(args.ranks)) != len(args.ranks):
@@ -100,13 +97,14 @@ def run(args: argparse.Namespace) -> int:
     out["where"] = f"dask scheduler {args.scheduler}" if args.scheduler else \
         f"process pool, {args.workers or os.cpu_count()} workers"
     if args.plot:
-        plot_sweep(out, args.plot)
+        with writing("--plot", args.plot):
+            plot_sweep(out, args.plot)
     if args.json:
         text = json.dumps(out)
         if args.json == "-":
             print(text)
         else:
-            with atomic_open(args.json, "w", encoding="utf-8") as fh:
+            with writing("--json", args.json), atomic_open(args.json, "w", encoding="utf-8") as fh:
                 fh.write(text + "\n")
     if args.json != "-":
         print(sweep_table(out, wall=time.perf_counter() - start))

@@ -7,7 +7,7 @@ import argparse
 import os
 from typing import Any
 
-from minilora.cli.common import fail
+from minilora.cli.common import fail, output_folder_problem, writing
 
 
 def register(sub: Any) -> None:
@@ -26,7 +26,10 @@ def run(args: argparse.Namespace) -> int:
     from minilora.testing.vectors import export, verify
 
     if args.action == "export":
-        written = export(args.folder)
+        if problem := output_folder_problem("", args.folder):
+            return fail(problem)
+        with writing("", args.folder):
+            written = export(args.folder)
         names = ", ".join(os.path.basename(p) for p in written)
         print(f"minilora vectors: wrote {len(written)} files to {args.folder}: {names}")
         return 0

@@ -38,7 +38,7 @@ import autograd.numpy as anp
 import numpy as np
 from autograd.tracer import getval
 
-from minilora._checks import check_choice, check_rank, check_real, check_rng
+from minilora._checks import check_bool, check_choice, check_rank, check_real, check_rng
 from minilora.errors import MiniLoraValueError, ShapeError
 from minilora.layers import LORA_INITS, dense, dense_init, lora_dense, lora_init, merge, unmerge
 from minilora.ops import tanh
@@ -181,6 +181,7 @@ def add_lora(params: dict, targets: Any, rank: int, alpha: float, *, rng: Any, r
     """
     rng = check_rng(rng)
     check_choice(init, "init", INITS)
+    use_rslora = check_bool(use_rslora, "use_rslora")
     chosen = targeted_modules(params, targets, exclude=exclude, output_layer=output_layer)
     out = dict(params)
     for name in chosen:
@@ -225,6 +226,7 @@ def merge_all(params: dict, adapters: Any = None, *, unload: bool = False) -> di
     """W' = W + sum_a s_a B_a A_a over the selected unmerged adapters (default all) of every
     layer (PEFT ``merge_adapter``); merged adapters move to "merged", so ``unmerge_all`` can
     undo it. ``unload=True`` drops every adapter afterwards (``merge_and_unload``)."""
+    unload = check_bool(unload, "unload")
     out = {}
     for name, layer in params.items():
         if not (isinstance(layer, dict) and layer.get("lora")):

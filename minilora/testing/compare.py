@@ -74,7 +74,11 @@ def compare(actual: Any, expected: Any, bound: Any, *, name: str = "y") -> Compa
     e = np.asarray(expected, dtype=np.float64)
     if a.shape != e.shape:
         return Comparison(name, False, e.shape, problem=f"has shape {a.shape}; expected {e.shape}")
-    t = np.broadcast_to(np.asarray(bound, dtype=np.float64), e.shape)
+    try:
+        t = np.broadcast_to(np.asarray(bound, dtype=np.float64), e.shape)
+    except (TypeError, ValueError):
+        return Comparison(name, False, e.shape, problem=f"its bound has shape {np.shape(bound)}, which does not "
+                                                        f"broadcast to the expected shape {e.shape}")
     with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
         same = (a == e) | (np.isnan(a) & np.isnan(e))
         err = np.where(same, 0.0, np.abs(a - e))

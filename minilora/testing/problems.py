@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from minilora._checks import check_bool
 from minilora.layers import lora_scale
 from minilora.testing.tolerance import UNIT_ROUNDOFF, round_to
 
@@ -139,6 +140,8 @@ def make_problem(
     label: str = "",
 ) -> LoraProblem:
     """A ``LoraProblem`` with values from ``np.random.default_rng(seed)``, rounded to dtype."""
+    rslora, fan_in_fan_out = check_bool(rslora, "rslora"), check_bool(fan_in_fan_out, "fan_in_fan_out")
+    bias = check_bool(bias, "bias")
     rng = np.random.default_rng(seed)
     x = _values(rng, (*lead, d_in), dtype)
     W = _values(rng, (d_in, d_out) if fan_in_fan_out else (d_out, d_in), dtype)
@@ -172,6 +175,7 @@ def make_adam_problem(
 ) -> AdamProblem:
     """An ``AdamProblem`` whose gradients span two decades (|g| in [0.05, 5], never 0: a zero
     gradient makes v = 0 and, in a dtype where eps rounds to 0, 0/0)."""
+    decoupled, amsgrad = check_bool(decoupled, "decoupled"), check_bool(amsgrad, "amsgrad")
     rng = np.random.default_rng(seed)
     A = _values(rng, (rank, d_in), dtype)
     B = _values(rng, (d_out, rank), dtype)

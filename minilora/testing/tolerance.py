@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from minilora._checks import check_bool
 from minilora.errors import MiniLoraTypeError, MiniLoraValueError
 
 __all__ = [
@@ -129,6 +130,7 @@ def lora_magnitudes(
 ) -> dict[str, tuple[int, np.ndarray]]:
     """{output: (K, M)}: the reduction length and the magnitude of every output of a LoRA
     layer (the table in ``lora_bounds``), computed in float64 on absolute values."""
+    fan_in_fan_out = check_bool(fan_in_fan_out, "fan_in_fan_out")
     x = _host_array(x)
     W = _host_array(params["W"])
     b = _host(params.get("b"))
@@ -235,6 +237,8 @@ def adam_bounds(
     decoupled) the parameter's error feeds back into the gradient as wd * e_p. The result is
     infinite where d - e_d <= 0: that dtype cannot resolve the step at all.
     """
+    decoupled, amsgrad = check_bool(decoupled, "decoupled"), check_bool(amsgrad, "amsgrad")
+    check_bool(maximize, "maximize")
     b1, b2 = betas
     out = {}
     for key, p0 in params.items():

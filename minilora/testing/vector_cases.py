@@ -136,10 +136,11 @@ def _run_adam(a: dict, o: dict) -> dict[str, np.ndarray]:
     from minilora.optim import adam_init, adam_step
 
     params = {"A": a["A"], "B": a["B"]}
-    state = adam_init(params, amsgrad=o["amsgrad"])
+    kw = _adam_kw(o)
+    state = adam_init(params, amsgrad=kw["amsgrad"])
     for t in range(1, o["steps"] + 1):
         grads = {k: a[f"grads/{t}/{k}"] for k in ("A", "B")}
-        params, state = adam_step(params, grads, state, **_adam_kw(o))
+        params, state = adam_step(params, grads, state, **kw)
     return params
 
 

@@ -40,6 +40,7 @@ from minilora.testing.vector_cases import (
     _run_adam,
     _run_layer,
 )
+from minilora.testing.vector_schema import check_manifest
 
 __all__ = ["SCHEMA_VERSION", "VectorsError", "VerifyReport", "export", "verify"]
 
@@ -224,6 +225,7 @@ def _manifest(folder: str) -> dict:
     for key, kind in (("files", dict), ("groups", list)):
         if not isinstance(manifest.get(key), kind):
             raise VectorsError(f"{path}: malformed: {key!r} must be a JSON {kind.__name__}")
+    check_manifest(manifest, path, tuple(ERROR_KINDS))
     return manifest
 
 

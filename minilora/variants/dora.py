@@ -14,7 +14,7 @@ from typing import Any
 from autograd.tracer import getval
 
 from minilora import ops
-from minilora._checks import check_floats, check_real, check_shape, get_key
+from minilora._checks import check_bool, check_floats, check_real, check_shape, get_key
 from minilora.backend import namespace_of
 from minilora.errors import NonFiniteError
 from minilora.layers import base_operands, lora_factors, merge_weight
@@ -26,6 +26,7 @@ from minilora.variants import primitives
 def dora_magnitude(params: dict, lora: dict, *, scale: float = 1.0, fan_in_fan_out: bool = False) -> Any:
     """m = ||W + s B A|| per output row, (d_out,): DoRA's magnitude at initialisation, so the
     adapter starts as the base layer (PEFT ``DoraLinearLayer.update_layer``)."""
+    fan_in_fan_out = check_bool(fan_in_fan_out, "fan_in_fan_out")
     W = get_key(params, "W", "params")
     shape = tuple(getval(W).shape)
     d_in, d_out = shape if fan_in_fan_out else shape[::-1]
@@ -72,6 +73,7 @@ def dora_unmerge(params: dict, lora: dict, magnitude: Any, weight_norm: Any, *, 
                  fan_in_fan_out: bool = False) -> dict:
     """W = W' / (m / weight_norm) - s B A, the inverse of ``dora_merge`` (PEFT
     ``DoraLinearVariant.unmerge``), with the weight_norm ``dora_merge`` returned."""
+    fan_in_fan_out = check_bool(fan_in_fan_out, "fan_in_fan_out")
     W = getval(get_key(params, "W", "params"))
     delta = ops.lora_delta(getval(lora["A"]), getval(lora["B"]), scale=scale, fan_in_fan_out=fan_in_fan_out)
     factor = magnitude / weight_norm

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 from autograd.tracer import getval
 
-from minilora._checks import check_rank, check_real, check_rng
+from minilora._checks import check_bool, check_rank, check_real, check_rng
 from minilora.backend import get_backend
 from minilora.errors import MiniLoraValueError, ShapeError
 
@@ -21,6 +21,7 @@ from minilora.errors import MiniLoraValueError, ShapeError
 
 def _as_rows(W: Any, fan_in_fan_out: bool) -> np.ndarray:
     """W as a host float64 (d_out, d_in) matrix."""
+    fan_in_fan_out = check_bool(fan_in_fan_out, "fan_in_fan_out")
     Wv = np.asarray(getval(W), dtype=np.float64)
     if Wv.ndim != 2:
         raise ShapeError(f"W must be 2-D; got shape {Wv.shape}")

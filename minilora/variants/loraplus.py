@@ -18,8 +18,10 @@ from typing import Any
 
 from autograd.tracer import getval
 
+from minilora._checks import check_bool
 from minilora._tree import check_same_structure, tree_leaves, tree_paths
 from minilora._tree import tree_unflatten as _unflatten
+from minilora.errors import MiniLoraValueError
 from minilora.optim import adam_apply, adam_options, check_adam_state
 
 __all__ = ["loraplus_lrs", "adam_step_lrs"]
@@ -62,14 +64,15 @@ def adam_step_lrs(params: Any, grads: Any, state: dict, *, lrs: Any, weight_deca
                   amsgrad: bool = False, maximize: bool = False) -> tuple[Any, dict]:
     """One Adam/AdamW step with per-leaf ``lrs`` (and ``weight_decays``, default 0): trees of
     floats shaped like params (e.g. from ``loraplus_lrs``). State from ``adam_init``."""
+    amsgrad = check_bool(amsgrad, "amsgrad")
     check_adam_state(params, state, amsgrad)
     grads = getval(grads)
-    check_same_structure(params, grads, "grads")
+    check_same_structure(params, grads, "grads", same_dtype=True)
     lr_leaves = tree_leaves(lrs)
     wd_leaves = tree_leaves(weight_decays) if weight_decays is not None else [0.0] * len(lr_leaves)
     p_leaves, g_leaves = tree_leaves(params), tree_leaves(grads)
     if not (len(lr_leaves) == len(wd_leaves) == len(p_leaves)):
-        raise ValueError(f"lrs/weight_decays must have one entry per parameter ({len(p_leaves)}); got "
+        raise MiniLoraValueError(f"lrs/weight_decays must have one entry per parameter ({len(p_leaves)}); got "
                          f"{len(lr_leaves)} and {len(wd_leaves)}")
     m, v = tree_leaves(state["m"]), tree_leaves(state["v"])
     vmax = tree_leaves(state["v_max"]) if amsgrad else [None] * len(m)

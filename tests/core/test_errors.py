@@ -599,7 +599,7 @@ def test_dropout_p_outside_unit_interval(p: Any, kind: type, fragment: str) -> N
 
 @pytest.mark.parametrize("shape", [(3, 0), (-1, 4), (2.0, 3)])
 def test_dropout_bad_shape(shape: tuple) -> None:
-    with pytest.raises(ml.MiniLoraError, match="shape entry must be a positive integer"):
+    with pytest.raises(ml.MiniLoraError, match=r"shape\[[01]\] must be a positive integer"):
         ml.dropout_mask(0, shape, 0.5)
 
 

@@ -1,0 +1,202 @@
+"""Every output path of demo, sweep, check and vectors is checked before the work starts, and an
+OSError while writing is one line naming the path and the reason (exit 1, no traceback).
+
+Read-only locations are real (chmod) when the tests run as a normal user; as root, where chmod
+does not stop a write, the same refusal is simulated at the file creation (EROFS), and a full disk
+(ENOSPC) is simulated at the write itself. The commands run in-process through ``cli.main.main``
+(the one-line reporting lives there); one subprocess test checks the real exit path."""
+
+from __future__ import annotations
+
+import errno
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+from helpers import assert_one_line_error, require, run_cli
+
+from minilora.cli.main import main
+
+ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
+
+
+def _run(capsys: Any, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def _one_line(code: int, err: str, *fragments: str) -> str:
+    assert code != 0
+    assert "Traceback" not in err
+    lines = err.strip("\n").split("\n")
+    assert len(lines) == 1, err
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+    return lines[0]
+
+
+DEMO = ("demo", "--steps", "3")
+SWEEP = ("sweep", "--steps", "2", "--ranks", "1", "--tasks", "seed", "--workers", "1")
+CHECK = ("check", "torch", "--max-examples", "0")  # refused before the target is even loaded
+
+FILE_OPTIONS = [
+    pytest.param(DEMO, "--plot", id="demo-plot"),
+    pytest.param(SWEEP, "--plot", id="sweep-plot"),
+    pytest.param(SWEEP, "--json", id="sweep-json"),
+    pytest.param(CHECK, "--json", id="check-json"),
+]
+
+
+# ---------------------------------------------------------------- refused before the work
+
+
+def _needs(command: tuple, option: str) -> None:
+    if option == "--plot":
+        require("matplotlib")  # without it, --plot is refused for that first
+    if command[0] == "check":
+        require("hypothesis")
+
+
+@pytest.mark.parametrize(("command", "option"), FILE_OPTIONS)
+@pytest.mark.parametrize("shape", ["folder", "trailing-slash", "missing-folder", "not-a-file"])
+def test_a_bad_output_file_is_refused_before_the_work(tmp_path: Path, capsys: Any, monkeypatch: Any,
+                                                      command: tuple, option: str, shape: str) -> None:
+    _needs(command, option)
+    started = []
+    monkeypatch.setattr("minilora.study.seed.seed_experiment", lambda **kw: started.append(1))
+    monkeypatch.setattr("minilora.study.sweep.sweep", lambda *a, **kw: started.append(1))
+    (tmp_path / "dir").mkdir()
+    os.mkfifo(tmp_path / "fifo")
+    path, fragment = {
+        "folder": (str(tmp_path / "dir"), "is a folder"),
+        "trailing-slash": (str(tmp_path / "new") + "/", "is a folder"),
+        "missing-folder": (str(tmp_path / "missing" / "out.png"), "does not exist"),
+        "not-a-file": (str(tmp_path / "fifo"), "not a regular file"),
+    }[shape]
+    code, out, err = _run(capsys, *command, option, path)
+    _one_line(code, err, option, path, fragment)
+    assert started == [] and out == ""
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dir", "fifo"]
+
+
+def _make_read_only(folder: Path, monkeypatch: Any) -> None:
+    """Make ``folder`` refuse new files: chmod for a normal user, EROFS at creation for root."""
+    folder.chmod(0o555)
+    if ROOT:
+        real = tempfile.mkstemp
+
+        def mkstemp(*args: Any, dir: Any = None, **kwargs: Any) -> Any:  # noqa: A002
+            if dir is not None and Path(dir).resolve() == folder.resolve():
+                raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(folder))
+            return real(*args, dir=dir, **kwargs)
+
+        monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
+
+
+@pytest.mark.parametrize(("command", "option"), FILE_OPTIONS)
+def test_a_read_only_folder_is_refused_before_the_work(tmp_path: Path, capsys: Any, monkeypatch: Any,
+                                                       command: tuple, option: str) -> None:
+    _needs(command, option)
+    started = []
+    monkeypatch.setattr("minilora.study.seed.seed_experiment", lambda **kw: started.append(1))
+    monkeypatch.setattr("minilora.study.sweep.sweep", lambda *a, **kw: started.append(1))
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    _make_read_only(ro, monkeypatch)
+    try:
+        code, out, err = _run(capsys, *command, option, str(ro / "out.file"))
+    finally:
+        ro.chmod(0o755)
+    line = _one_line(code, err, option, str(ro), "cannot write")
+    assert ("Read-only" in line) if ROOT else ("Permission denied" in line)
+    assert started == [] and list(ro.iterdir()) == []
+
+
+def test_sweep_refuses_plot_and_json_on_one_file(tmp_path: Path, capsys: Any) -> None:
+    target = str(tmp_path / "out")
+    code, _, err = _run(capsys, *SWEEP, "--plot", target, "--json", target)
+    _one_line(code, err, "--plot", "--json", "same file")
+
+
+@pytest.mark.parametrize("shape", ["file", "missing-parent", "read-only"])
+def test_vectors_export_checks_its_folder_first(tmp_path: Path, capsys: Any, monkeypatch: Any, shape: str) -> None:
+    exported = []
+    monkeypatch.setattr("minilora.testing.vectors.export", lambda folder: exported.append(folder) or [])
+    if shape == "file":
+        target = tmp_path / "f"
+        target.write_text("x")
+        fragment = "not a folder"
+    elif shape == "missing-parent":
+        target, fragment = tmp_path / "no" / "vec", "does not exist"
+    else:
+        target = tmp_path / "ro"
+        target.mkdir()
+        _make_read_only(target, monkeypatch)
+        fragment = "cannot write"
+    try:
+        code, _, err = _run(capsys, "vectors", "export", str(target))
+    finally:
+        if shape == "read-only":
+            target.chmod(0o755)
+    _one_line(code, err, str(target), fragment)
+    assert exported == []
+
+
+# ---------------------------------------------------------------- failing at the write itself
+
+
+def _full_disk(monkeypatch: Any) -> None:
+    """ENOSPC at the flush of every file written (the probe only creates and removes an empty
+    file, so it passes, as it does on a real full disk)."""
+    def fsync(fd: int) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", fsync)
+
+
+@pytest.mark.parametrize(("command", "option"), [p for p in FILE_OPTIONS if p.id != "check-json"])
+def test_a_full_disk_at_the_write_is_one_line(tmp_path: Path, capsys: Any, monkeypatch: Any,
+                                              command: tuple, option: str) -> None:
+    if option == "--plot":
+        require("matplotlib")
+    _full_disk(monkeypatch)
+    target = tmp_path / "out.file"
+    code, _, err = _run(capsys, *command, option, str(target))
+    _one_line(code, err, option, str(target), "cannot write", "No space left")
+    assert list(tmp_path.iterdir()) == []  # no output and no temp file left behind
+
+
+def test_vectors_export_on_a_full_disk_is_one_line(tmp_path: Path, capsys: Any, monkeypatch: Any) -> None:
+    target = tmp_path / "vec"
+    target.mkdir()
+    _full_disk(monkeypatch)
+    code, _, err = _run(capsys, "vectors", "export", str(target))
+    _one_line(code, err, str(target), "cannot write", "No space left")
+
+
+def test_an_oserror_escaping_a_command_is_one_line(capsys: Any, monkeypatch: Any) -> None:
+    def boom(**kwargs: Any) -> Any:
+        raise PermissionError(errno.EACCES, "Permission denied", "/some/where")
+
+    monkeypatch.setattr("minilora.study.seed.seed_experiment", boom)
+    code, _, err = _run(capsys, *DEMO)
+    _one_line(code, err, "/some/where", "Permission denied")
+
+
+@pytest.mark.slow
+def test_warnings_are_one_line_without_their_source_line() -> None:
+    """A subprocess: pytest would capture the warnings of an in-process run."""
+    out = run_cli("demo", "--steps", "50", "--lr", "1e300")
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    lines = out.stderr.strip("\n").split("\n")
+    assert lines[-1].startswith("minilora: error: ") and "non-finite" in lines[-1]
+    assert lines[:-1] and all(line.startswith("minilora: warning: ") for line in lines[:-1]), lines
+
+
+@pytest.mark.slow
+def test_the_real_exit_path_for_a_folder_as_output(tmp_path: Path) -> None:
+    out = run_cli("demo", "--steps", "3", "--plot", str(tmp_path))
+    assert_one_line_error(out, "--plot", str(tmp_path), "is a folder")
