@@ -112,3 +112,23 @@ def test_check_config_is_a_library_error_for_non_objects() -> None:
     with pytest.raises(PeftFileError, match="cfg.json: expected a JSON object, got list"):
         check_config([1], "cfg.json")
     assert issubclass(PeftFileError, MiniLoraValueError)
+
+
+def test_a_crafted_pattern_key_does_not_hang_inspect(tmp_path: Path) -> None:
+    """``{"(a+)+": 2}`` against a module "aaa...a!" took time doubling per character in ``re``."""
+    import contextlib
+    import io
+    import time
+
+    from minilora.cli.main import main
+
+    rng = np.random.default_rng(0)
+    name = "a" * 40 + "!"
+    save_peft_adapter(tmp_path, {name: {"A": rng.standard_normal((2, 4)), "B": rng.standard_normal((3, 2))}},
+                      r=2, lora_alpha=4, rank_pattern={"(a+)+": 3}, alpha_pattern={"(a+)+": 5})
+    t = time.perf_counter()
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(["inspect", str(tmp_path)]) == 0
+    assert time.perf_counter() - t < 2.0
+    assert load_peft_adapter(tmp_path).alpha(name) == 4  # the key does not match (the "!"), as in re
