@@ -56,5 +56,5 @@ def read_json(path: str, error: type[Exception], *, missing: str, invalid: str) 
         raise error(f"{path}: {missing}") from None
     except (OSError, UnicodeDecodeError, ValueError) as exc:
         raise error(f"{path}: {invalid} ({' '.join(str(exc).split())})") from None
-    except RecursionError:  # nesting deeper than the parser's stack
+    except RecursionError:  # json's parser recurses once per nesting level
         raise error(f"{path}: {invalid} (nested too deeply)") from None

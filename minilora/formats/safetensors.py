@@ -68,6 +68,8 @@ DTYPES: dict[str, np.dtype] = {
 _NAME_OF = {np.dtype(v).newbyteorder("="): k for k, v in DTYPES.items() if k != "BF16"}
 # the reference implementation refuses headers over 100 MB; so do we, before reading them
 MAX_HEADER = 100_000_000
+MAX_DIMS = 64  # NumPy's limit on dimensions
+MAX_BYTES = 2**63 - 1  # NumPy's limit on an array's size in bytes (even an empty one's)
 
 
 class SafetensorsError(MiniLoraValueError):
@@ -255,6 +257,10 @@ def _check_entry(name: str, entry: Any, where: str) -> tuple[str, tuple[int, ...
         )
     if not (isinstance(offsets, list) and len(offsets) == 2 and all(is_count(o) for o in offsets)):
         raise SafetensorsError(f"{where}: tensor {name!r}: data_offsets must be [begin, end]; got {offsets!r}")
+    if len(shape) > MAX_DIMS:
+        raise SafetensorsError(f"{where}: tensor {name!r}: {len(shape)} dimensions; at most {MAX_DIMS} are supported")
+    if math.prod(max(s, 1) for s in shape) * DTYPES[kind].itemsize > MAX_BYTES:  # NumPy's own limit
+        raise SafetensorsError(f"{where}: tensor {name!r}: shape {_short(shape)} is too large for an array")
     begin, end = offsets
     size = math.prod(shape) * DTYPES[kind].itemsize
     if end < begin or end - begin != size:
@@ -263,6 +269,46 @@ def _check_entry(name: str, entry: Any, where: str) -> tuple[str, tuple[int, ...
             f"but data_offsets [{begin}, {end}] hold {end - begin}"
         )
     return kind, tuple(shape), begin, end
+
+
+def _validate(header: dict, metadata: dict, buffer_len: int, where: str) -> dict[str, tuple]:
+    """The one header validation of both readers (``load``/``read_header`` and
+    ``read_header_streaming``): {name: (dtype, shape, begin, end)} once every entry is well
+    formed (``_check_entry``), every name and metadata string is valid Unicode (no lone
+    surrogates, which JSON escapes allow) and the tensors tile the ``buffer_len`` data bytes
+    exactly: no overlap, no gap, nothing past the end."""
+    for text in [*header, *metadata, *metadata.values()]:
+        if not isinstance(text, str) or not _is_unicode(text):
+            raise SafetensorsError(f"{where}: corrupted header: {_short(text)} is not valid Unicode (a lone surrogate)")
+    entries = {name: _check_entry(name, entry, where) for name, entry in header.items()}
+    position = 0
+    for name, (_, _, begin, end) in sorted(entries.items(), key=lambda kv: (kv[1][2], kv[1][3])):
+        if begin != position:
+            what = "overlaps the previous tensor" if begin < position else f"leaves bytes {position}..{begin} unowned"
+            raise SafetensorsError(f"{where}: corrupted: tensor {name!r} at [{begin}, {end}] {what}")
+        if end > buffer_len:
+            raise SafetensorsError(
+                f"{where}: truncated: tensor {name!r} ends at byte {end} of the data but the data has {buffer_len}"
+            )
+        position = end
+    if position != buffer_len:
+        raise SafetensorsError(f"{where}: corrupted: {buffer_len - position} trailing bytes after the last tensor")
+    return entries
+
+
+def _check_values(raw: np.ndarray, kind: str, name: str, where: str) -> np.ndarray:
+    """``raw`` (a tensor as stored) after the checks its bytes need: a BOOL byte is 0 or 1."""
+    if kind == "BOOL" and raw.size and int(raw.view(np.uint8).max()) > 1:
+        raise SafetensorsError(f"{where}: corrupted: tensor {name!r} of BOOL holds bytes other than 0 and 1")
+    return raw
+
+
+def _is_unicode(text: str) -> bool:
+    return text.encode("utf-8", "surrogatepass").decode("utf-8", "replace") == text  # no lone surrogate
+
+
+def _short(value: Any) -> str:
+    return repr(value) if len(repr(value)) <= 80 else repr(value)[:77] + "..."
 
 
 def load_bytes(data: bytes, *, name: str = "<bytes>", bf16: str = "float32") -> dict[str, np.ndarray]:
@@ -286,23 +332,10 @@ def read_header_streaming(fh: BinaryIO, where: str) -> tuple[dict[str, tuple], d
     begin, end)}, metadata, start of the data). The tensors must tile the data exactly as the
     file's size says; no tensor bytes are read (for ``read_tensor``, one at a time)."""
     head = fh.read(8)
-    if len(head) < 8:
-        raise SafetensorsError(f"{where}: truncated: {len(head)} bytes, shorter than the 8-byte header length")
-    (n,) = struct.unpack("<Q", head)
-    if n > MAX_HEADER:
-        raise SafetensorsError(f"{where}: header length {n} exceeds the {MAX_HEADER}-byte limit (corrupted?)")
-    header, metadata, start = _parse_header(head + fh.read(n), where)
-    entries = {name: _check_entry(name, e, where) for name, e in header.items()}
-    size = os.fstat(fh.fileno()).st_size - start
-    position = 0
-    for name, (_, _, begin, end) in sorted(entries.items(), key=lambda kv: (kv[1][2], kv[1][3])):
-        if begin != position:
-            raise SafetensorsError(f"{where}: corrupted: tensor {name!r} at [{begin}, {end}] does not follow "
-                                   f"the previous tensor (ends at {position})")
-        position = end
-    if position != size:
-        raise SafetensorsError(f"{where}: truncated or corrupted: the header describes {position} data bytes, "
-                               f"the file holds {size}")
+    n = struct.unpack("<Q", head)[0] if len(head) == 8 else 0
+    # _parse_header refuses a short file or an oversized length before anything big is read
+    header, metadata, start = _parse_header(head + fh.read(min(n, MAX_HEADER + 1)), where)
+    entries = _validate(header, metadata, os.fstat(fh.fileno()).st_size - start, where)
     return entries, metadata, start
 
 
@@ -314,7 +347,7 @@ def read_tensor(fh: BinaryIO, start: int, entry: tuple, name: str, where: str) -
     raw = fh.read(end - begin)
     if len(raw) != end - begin:
         raise SafetensorsError(f"{where}: truncated while reading tensor {name!r}")
-    return np.frombuffer(raw, dtype=DTYPES[kind]).reshape(shape)
+    return _check_values(np.frombuffer(raw, dtype=DTYPES[kind]).reshape(shape), kind, name, where)
 
 
 def load(path: str | os.PathLike, *, bf16: str = "float32") -> dict[str, np.ndarray]:
@@ -338,23 +371,7 @@ def _decode(data: bytes, where: str, bf16: str, with_header: bool = False) -> An
         raise MiniLoraValueError(f"bf16 must be 'float32' or 'bits'; got {bf16!r}")
     data = bytes(data)
     header, metadata, start = _parse_header(data, where)
-    buffer_len = len(data) - start
-    entries = {name: _check_entry(name, entry, where) for name, entry in header.items()}
-    # the tensors must tile the buffer exactly: no overlap, no gap, nothing past the end
-    position = 0
-    for name, (_, _, begin, end) in sorted(entries.items(), key=lambda kv: (kv[1][2], kv[1][3])):
-        if begin != position:
-            what = "overlaps the previous tensor" if begin < position else f"leaves bytes {position}..{begin} unowned"
-            raise SafetensorsError(f"{where}: corrupted: tensor {name!r} at [{begin}, {end}] {what}")
-        if end > buffer_len:
-            raise SafetensorsError(
-                f"{where}: truncated: tensor {name!r} ends at byte {end} of the data but the data has {buffer_len}"
-            )
-        position = end
-    if position != buffer_len:
-        raise SafetensorsError(
-            f"{where}: corrupted: {buffer_len - position} trailing bytes after the last tensor"
-        )
+    entries = _validate(header, metadata, len(data) - start, where)
     out: dict[str, np.ndarray] = {}
     for name, (kind, shape, begin, end) in entries.items():
         out[name] = _array(data, start, name, kind, shape, begin, end, where, bf16)
@@ -375,8 +392,7 @@ def _array(data: bytes, start: int, name: str, kind: str, shape: tuple[int, ...]
                                 offset=start + begin).reshape(shape)
     except (ValueError, MemoryError, OverflowError) as exc:  # e.g. more than 64 dimensions
         raise SafetensorsError(f"{where}: tensor {name!r}: shape {shape} is not usable ({one_line(exc, with_type=False)})") from None
-    if kind == "BOOL" and raw.size and int(raw.view(np.uint8).max()) > 1:
-        raise SafetensorsError(f"{where}: corrupted: tensor {name!r} of BOOL holds bytes other than 0 and 1")
+    _check_values(raw, kind, name, where)
     if kind == "BF16" and bf16 == "float32":
         return bf16_bits_to_float32(raw)
     return raw.astype(stored.newbyteorder("="), copy=True)

@@ -30,9 +30,10 @@ from typing import Any
 
 import numpy as np
 
-from minilora.errors import MiniLoraValueError, ShapeError
+from minilora.errors import ShapeError
 from minilora.formats import safetensors as st
 from minilora.formats.fileio import atomic_open, read_json
+from minilora.peft.config import PeftFileError, check_config
 from minilora.peft.targets import pattern_value
 
 __all__ = [
@@ -40,6 +41,7 @@ __all__ = [
     "PeftAdapter",
     "load_peft_adapter",
     "save_peft_adapter",
+    "check_config",
     "pattern_value",
     "CONFIG_NAME",
     "WEIGHTS_NAME",
@@ -50,22 +52,6 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
 
-# Options that change the mathematics and that minilora does not implement: refused when set
-# to anything but these values (PEFT 0.21 ``LoraConfig`` field names).
-_UNSUPPORTED: dict[str, tuple[Any, ...]] = {
-    "use_qalora": (False, None),
-    "layer_replication": (None,),
-    "target_parameters": (None, []),
-    "trainable_token_indices": (None,),
-    "modules_to_save": (None, []),
-    "alora_invocation_tokens": (None,),
-    "use_bdlora": (None, False),
-    "arrow_config": (None,),
-    "velora_config": (None,),
-    "kasa_config": (None,),
-    "monteclora_config": (None,),
-    "megatron_config": (None,),
-}
 _SUFFIXES = {
     "lora_A.weight": ("linear", "A"),
     "lora_B.weight": ("linear", "B"),
@@ -74,11 +60,6 @@ _SUFFIXES = {
     "lora_embedding_B": ("embedding", "B"),
     "lora_magnitude_vector": (None, "m"),
 }
-
-
-class PeftFileError(MiniLoraValueError):
-    """A PEFT adapter folder that is missing, corrupt, inconsistent or uses an unsupported option.
-    The message names the file and the module."""
 
 
 @dataclass
@@ -101,7 +82,8 @@ class PeftAdapter:
         return int(self.modules[module]["A"].shape[0])
 
     def alpha(self, module: str) -> float:
-        return float(pattern_value(self.config.get("alpha_pattern") or {}, module, self.config["lora_alpha"]))
+        return float(pattern_value(self.config.get("alpha_pattern") or {}, module, self.config["lora_alpha"],
+                                   what="alpha_pattern key"))
 
     def scale(self, module: str) -> float:
         """alpha / r, or alpha / sqrt(r) with ``use_rslora`` (PEFT ``LoraLayer.update_layer``)."""
@@ -115,32 +97,6 @@ class PeftAdapter:
     @property
     def use_dora(self) -> bool:
         return bool(self.config.get("use_dora", False))
-
-
-def _config_error(path: str, message: str) -> PeftFileError:
-    return PeftFileError(f"{path}: {message}")
-
-
-def check_config(config: Any, path: str = CONFIG_NAME) -> dict:
-    """Validate an adapter_config dict; returns it. Unsupported types/options raise PeftFileError."""
-    if not isinstance(config, dict):
-        raise _config_error(path, f"expected a JSON object, got {type(config).__name__}")
-    peft_type = config.get("peft_type")
-    if peft_type != "LORA":
-        raise _config_error(path, f"unsupported peft_type {peft_type!r}; minilora reads only 'LORA' adapters")
-    for key in ("r", "lora_alpha"):
-        v = config.get(key)
-        if isinstance(v, bool) or not isinstance(v, int | float) or not v > 0:
-            raise _config_error(path, f"{key} must be a positive number; got {v!r}")
-    for key, allowed in _UNSUPPORTED.items():
-        if key in config and config[key] not in allowed and config[key] != {}:
-            raise _config_error(path, f"option {key}={config[key]!r} is not supported by minilora")
-    if config.get("bias", "none") not in ("none", "all", "lora_only"):
-        raise _config_error(path, f"bias must be 'none', 'all' or 'lora_only'; got {config.get('bias')!r}")
-    for key in ("rank_pattern", "alpha_pattern"):
-        if not isinstance(config.get(key) or {}, dict):
-            raise _config_error(path, f"{key} must be an object; got {config.get(key)!r}")
-    return config
 
 
 def _split_key(key: str, path: str) -> tuple[str, str, str | None, str]:
@@ -208,7 +164,8 @@ def _check_module(adapter: PeftAdapter, module: str, t: dict, where: str) -> Non
     if B.shape[1] != r:
         raise ShapeError(f"{where}: module {module!r}: lora B must have shape (d_out, r) = ({B.shape[0]}, {r}); "
                          f"got {B.shape}")
-    expected = pattern_value(adapter.config.get("rank_pattern") or {}, module, adapter.config["r"])
+    expected = pattern_value(adapter.config.get("rank_pattern") or {}, module, adapter.config["r"],
+                             what="rank_pattern key")
     if r != expected:
         raise ShapeError(f"{where}: module {module!r}: lora A has rank {r} but the config gives r={expected}")
     for vec in ("lora_bias", "m"):
