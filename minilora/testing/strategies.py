@@ -66,15 +66,23 @@ def dtypes(allowed: Any = DTYPES) -> st.SearchStrategy[str]:
 
 
 def lora_shapes(max_dim: int = 12, max_batch: int = 4, max_lead_dims: int = 2) -> st.SearchStrategy[dict]:
-    """{"lead", "d_in", "d_out", "rank"}: rank 1 and rank = min(d_in, d_out) come up often,
-    and a batch of one whenever the lead dimensions shrink."""
+    """{"lead", "d_in", "d_out", "rank"}: sizes uniform in 2..max_dim (1 in one draw of eight),
+    a square layer (d_in = d_out) in one of three, rank 1 and rank = min(d_in, d_out) often, and a
+    batch of one whenever the lead dimensions shrink. Square layers with d > 1 are where swapped
+    A and B, an ignored fan_in_fan_out or a missing transpose keep every shape right."""
+
+    def size(draw: Any) -> int:
+        if max_dim < 2 or draw(st.integers(0, 7)) == 0:
+            return 1
+        return draw(st.sampled_from(range(2, max_dim + 1)))
 
     @st.composite
     def draw_shapes(draw: Any) -> dict:
-        lead = tuple(draw(st.lists(st.integers(1, max_batch), min_size=1, max_size=max_lead_dims)))
-        d_in, d_out = draw(st.integers(1, max_dim)), draw(st.integers(1, max_dim))
+        lead = tuple(draw(st.lists(st.sampled_from(range(1, max_batch + 1)), min_size=1, max_size=max_lead_dims)))
+        d_in = size(draw)
+        d_out = d_in if draw(st.sampled_from((True, False, False))) else size(draw)
         top = min(d_in, d_out)
-        rank = draw(st.one_of(st.just(1), st.just(top), st.integers(1, top)))
+        rank = draw(st.one_of(st.just(1), st.just(top), st.sampled_from(range(1, top + 1))))
         return {"lead": lead, "d_in": d_in, "d_out": d_out, "rank": rank}
 
     return draw_shapes()
@@ -144,23 +152,53 @@ def lora_problems(
     return draw_problem()
 
 
-def adam_problems(dtypes: Any = DTYPES, *, max_dim: int = 8, max_steps: int = 6) -> st.SearchStrategy[AdamProblem]:
-    """Adam and AdamW (decoupled decay 0.01 or 0.1), with and without amsgrad, momentum 0.9
-    or 0.5, a few steps on random factors with gradients spanning two decades."""
+# gradient magnitudes 10^U(lo, hi): ordinary ones, tiny ones where eps decides the step, and both
+GRADIENT_DECADES = ((-1.3, 0.7), (-8.0, -2.0), (-8.0, 0.7))
+EPSILONS = (1e-8, 1e-6, 1e-3)
+
+
+def adam_problems(
+    dtypes: Any = DTYPES,
+    *,
+    max_dim: int = 8,
+    max_steps: int = 6,
+    amsgrad: bool | None = None,
+    l2: bool | None = None,  # False: Adam without decay (AdamW still decays)
+    maximize: bool | None = None,
+) -> st.SearchStrategy[AdamProblem]:
+    """Adam with L2 decay and AdamW with decoupled decay (0, 0.01 or 0.1 each), amsgrad,
+    maximize, eps in {1e-8, 1e-6, 1e-3}, momentum 0.9 or 0.5, a few steps on random factors with
+    gradients down to 1e-8, exact zeros and LoRA's first step (dA = 0). ``amsgrad`` and
+    ``maximize`` fix an option (None: drawn); ``l2=False`` never draws L2 decay. In bfloat16 the learning rate is 1e-2 or
+    1e-1: a smaller step is below the parameter's own rounding, and a check that cannot tell
+    an update from none has checked nothing."""
+
+    def option(fixed: bool | None) -> st.SearchStrategy[bool]:
+        return st.booleans() if fixed is None else st.just(fixed)
 
     @st.composite
     def draw_adam(draw: Any) -> AdamProblem:
         shapes = draw(lora_shapes(max_dim, 1, 1))
+        dtype = draw(st.sampled_from(tuple(dtypes)))
         decoupled = draw(st.booleans())
+        decay = draw(st.sampled_from([0.0, 0.01, 0.1]))
+        if not decoupled and l2 is False:
+            decay = 0.0
+        lrs = [1e-2, 1e-1] if dtype == "bfloat16" else [1e-3, 1e-2, 1e-1]
         return make_adam_problem(
             d_in=shapes["d_in"], d_out=shapes["d_out"], rank=shapes["rank"],
             steps=draw(st.integers(1, max_steps)),
-            dtype=draw(st.sampled_from(tuple(dtypes))),
+            dtype=dtype,
             decoupled=decoupled,
-            weight_decay=draw(st.sampled_from([0.01, 0.1])) if decoupled else 0.0,
-            amsgrad=draw(st.booleans()),
-            lr=draw(st.sampled_from([1e-3, 1e-2, 1e-1])),
+            weight_decay=decay,
+            amsgrad=draw(option(amsgrad)),
+            maximize=draw(option(maximize)),
+            lr=draw(st.sampled_from(lrs)),
             betas=draw(st.sampled_from([(0.9, 0.999), (0.5, 0.99)])),
+            eps=draw(st.sampled_from(EPSILONS)),
+            decades=draw(st.sampled_from(GRADIENT_DECADES)),
+            zeros=draw(st.sampled_from([0.0, 0.0, 0.25])),
+            lora_first_step=draw(st.booleans()),
             seed=draw(st.integers(0, 2**32 - 1)),
         )
 
