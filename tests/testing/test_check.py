@@ -47,8 +47,12 @@ def test_check_passes_for_the_real_frameworks(target: str, tmp_path_factory: pyt
     lines = out.stdout.splitlines()
     assert lines[0].startswith(f"minilora check {target}: ")
     assert f"minilora {minilora.__version__}" in lines[0]
-    assert lines[1].split() == ["property", "dtype", "cases", "worst", "error", "/", "bound", "detects", "verdict"]
-    rows = [line.split() for line in lines[2:] if line.startswith("  ")]
+    # what the adapter declared is shown: torch's float32 sums under float16/bfloat16
+    assert lines[1].startswith("declared: float16: ") and "accumulate float32" in lines[1]
+    if target == "peft":
+        assert "adapter float32" in lines[1]
+    assert lines[2].split() == ["property", "dtype", "cases", "worst", "error", "/", "bound", "detects", "verdict"]
+    rows = [line.split() for line in lines[3:] if line.startswith("  ")]
     expected = [(p, d) for p in PROPERTIES if p != "init" for d in ALL_DTYPES if not (p == "adam" and d == "float16")]
     expected.append(("init", "float32"))
     assert [(r[0], r[1]) for r in rows] == expected
