@@ -33,6 +33,7 @@ def register(sub: Any) -> None:
                        help="only this dtype (repeatable; default: every dtype the target supports)")
     check.add_argument("--property", action="append", choices=PROPERTIES, dest="properties",
                        help="only this property (repeatable; default: all)")
+    check.add_argument("--verbose", action="store_true", help="also print every case's result")
     check.set_defaults(func=run)
 
 
@@ -59,22 +60,48 @@ def run(args: argparse.Namespace) -> int:
     finally:
         progress.close()
     report.target = args.target
-    versions = ", ".join(f"{k} {v}" for k, v in report.versions.items() if k != "python")
-    print(f"minilora check {args.target}: {versions}; seed {args.seed}, "
-          f"{args.max_examples} hypothesis cases per dtype plus fixed edge cases")
-    print(report.table())
-    failures = report.failures()
-    for message in failures:
-        print(message)
-    failed = len(failures)
-    total = len(report.results)
-    if failed:
-        print(f"{failed} of {total} checks FAILED ({report.seconds:.1f} s)")
-    else:
-        print(f"all {total} checks passed ({report.seconds:.1f} s)")
-    if args.json:
+    if args.json:  # written before anything is printed: a closed pipe or a crash while printing keeps it
         with writing("--json", args.json), atomic_open(args.json, "w", encoding="utf-8") as fh:
             json.dump(report.to_dict(), fh, indent=1)
             fh.write("\n")
+    versions = ", ".join(f"{k} {v}" for k, v in report.versions.items() if k != "python")
+    print(f"minilora check {args.target}: {versions}; seed {args.seed}, "
+          f"{args.max_examples} hypothesis cases per dtype plus fixed edge cases")
+    declared = _declared_line(report.declared)
+    if declared:
+        print(f"declared: {declared}")
+    print(report.table())
+    if args.verbose:
+        print(report.verbose())
+    failures = report.failures()
+    for message in failures:
+        print(message)
+    for message in report.notes():
+        print(message)
+    failed = len(failures)
+    total = len(report.results)
+    others = len(report.notes())
+    tail = f", {others} not covered or n/a" if others else ""
+    if failed:
+        print(f"{failed} of {total} checks FAILED{tail} ({report.seconds:.1f} s)")
+    elif not report.passed:
+        print(f"nothing passed: {others} of {total} checks not covered or n/a ({report.seconds:.1f} s)")
+    else:
+        print(f"all {total - others} checks passed{tail} ({report.seconds:.1f} s)")
     sys.stdout.flush()
-    return 1 if failed else 0
+    return 0 if report.passed else 1
+
+
+def _declared_line(declared: dict) -> str:
+    """What the adapter declared that changes the check: precision other than its dtype, and
+    known differences."""
+    parts = []
+    for dt, prec in declared.get("precision", {}).items():
+        bits = [f"{k} {v}" for k, v in prec.items() if v != (dt if k != "bias_correction" else "float64")]
+        if bits:
+            parts.append(f"{dt}: " + ", ".join(bits))
+    line = "; ".join(parts)
+    known = declared.get("known_differences") or []
+    if known:
+        line += ("; " if line else "") + f"{len(known)} known differences (see --json)"
+    return line

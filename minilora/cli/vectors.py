@@ -37,8 +37,8 @@ def run(args: argparse.Namespace) -> int:
     if report.failures:
         for message in report.failures:
             print(f"FAIL {message}")
-        return fail(f"{len(report.failures)} of {report.cases} cases in {args.folder} disagree with "
-                    f"minilora {report.minilora_version}")
-    print(f"minilora vectors: {args.folder}: all {report.cases} cases in {report.groups} groups agree with "
+        return fail(f"{len(report.failures)} of {report.cases} cases in {args.folder} disagree with minilora "
+                    f"{report.minilora_version} or leave something unchecked")
+    print(f"minilora vectors: {args.folder}: all {report.cases} cases ({report.outputs} outputs and refusals) in {report.groups} groups agree with "
           f"minilora {report.minilora_version} (files and SHA-256 checked)")
     return 0

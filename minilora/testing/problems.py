@@ -90,7 +90,7 @@ class AdamProblem:
     """Adam/AdamW steps on a LoRA layer's factors {"A": (r, d_in), "B": (d_out, r)}, fed the
     fixed gradient sequence ``grads`` (so the optimizer is checked apart from the gradients).
     ``options`` are ``minilora.adam_step``'s keywords: lr, betas, eps, weight_decay,
-    decoupled (True: AdamW), amsgrad."""
+    decoupled (True: AdamW), amsgrad, maximize."""
 
     A: np.ndarray
     B: np.ndarray
@@ -111,7 +111,9 @@ class AdamProblem:
     def describe(self) -> str:
         o = self.options
         name = "AdamW" if o.get("decoupled") else "Adam"
-        extra = ", amsgrad" if o.get("amsgrad") else ""
+        extra = (", amsgrad" if o.get("amsgrad") else "") + (", maximize" if o.get("maximize") else "")
+        if o.get("weight_decay") and not o.get("decoupled"):
+            extra += " (L2)"
         return ((f"{self.label}: " if self.label else "") + f"{name} {len(self.grads)} steps, A {self.A.shape}, "
                 f"B {self.B.shape}, lr {o.get('lr', 1e-3):g}, betas {tuple(o.get('betas', (0.9, 0.999)))}, "
                 f"eps {o.get('eps', 1e-8):g}, weight_decay {o.get('weight_decay', 0.0):g}{extra}")
@@ -167,27 +169,39 @@ def make_adam_problem(
     decoupled: bool = False,
     weight_decay: float = 0.0,
     amsgrad: bool = False,
+    maximize: bool = False,
     lr: float = 1e-2,
     betas: tuple[float, float] = (0.9, 0.999),
     eps: float = 1e-8,
+    decades: tuple[float, float] = (-1.3, 0.7),
+    zeros: float = 0.0,
+    lora_first_step: bool = False,
     seed: int = 0,
     label: str = "",
 ) -> AdamProblem:
-    """An ``AdamProblem`` whose gradients span two decades (|g| in [0.05, 5], never 0: a zero
-    gradient makes v = 0 and, in a dtype where eps rounds to 0, 0/0)."""
+    """An ``AdamProblem`` whose gradients have magnitudes 10^U(decades) (default |g| in
+    [0.05, 5]; ``decades=(-8, -2)`` reaches 1e-8, where eps decides the step), a fraction
+    ``zeros`` of exact zeros, and with ``lora_first_step`` dA = 0 exactly at step 1 (LoRA's first
+    step: B = 0, so the gradient of A vanishes). Zeros are not drawn in float16, where eps
+    rounds to 0 and a zero gradient gives 0/0."""
     decoupled, amsgrad = check_bool(decoupled, "decoupled"), check_bool(amsgrad, "amsgrad")
     rng = np.random.default_rng(seed)
     A = _values(rng, (rank, d_in), dtype)
     B = _values(rng, (d_out, rank), dtype)
+    lo, hi = decades
     grads = []
-    for _ in range(steps):
+    for t in range(steps):
         step = {}
         for key, shape in (("A", A.shape), ("B", B.shape)):
-            g = rng.choice([-1.0, 1.0], shape) * 10.0 ** rng.uniform(-1.3, 0.7, shape)
+            g = rng.choice([-1.0, 1.0], shape) * 10.0 ** rng.uniform(lo, hi, shape)
+            if zeros and dtype != "float16":
+                g[rng.random(shape) < zeros] = 0.0
+            if lora_first_step and t == 0 and key == "A" and dtype != "float16":
+                g[...] = 0.0
             step[key] = round_to(g, dtype)
         grads.append(step)
     options = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, decoupled=decoupled,
-                   amsgrad=amsgrad)
+                   amsgrad=amsgrad, maximize=maximize)
     return AdamProblem(A, B, tuple(grads), options, dtype=dtype, label=label)
 
 

@@ -21,6 +21,7 @@ This is the only module of minilora that imports hypothesis; the problems themse
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal
 
 import numpy as np
@@ -46,6 +47,7 @@ __all__ = [
     "AdamProblem",
     "dtypes",
     "lora_shapes",
+    "shapes_from",
     "well_scaled_floats",
     "well_scaled_arrays",
     "dropout_masks",
@@ -66,18 +68,31 @@ def dtypes(allowed: Any = DTYPES) -> st.SearchStrategy[str]:
 
 
 def lora_shapes(max_dim: int = 12, max_batch: int = 4, max_lead_dims: int = 2) -> st.SearchStrategy[dict]:
-    """{"lead", "d_in", "d_out", "rank"}: rank 1 and rank = min(d_in, d_out) come up often,
-    and a batch of one whenever the lead dimensions shrink."""
+    """{"lead", "d_in", "d_out", "rank"}: sizes uniform in 2..max_dim (1 in one draw of eight),
+    a square layer (d_in = d_out) in one of three, rank 1 and rank = min(d_in, d_out) often, and a
+    batch of one whenever the lead dimensions shrink. Square layers with d > 1 are where swapped
+    A and B, an ignored fan_in_fan_out or a missing transpose keep every shape right."""
 
     @st.composite
     def draw_shapes(draw: Any) -> dict:
-        lead = tuple(draw(st.lists(st.integers(1, max_batch), min_size=1, max_size=max_lead_dims)))
-        d_in, d_out = draw(st.integers(1, max_dim)), draw(st.integers(1, max_dim))
-        top = min(d_in, d_out)
-        rank = draw(st.one_of(st.just(1), st.just(top), st.integers(1, top)))
-        return {"lead": lead, "d_in": d_in, "d_out": d_out, "rank": rank}
+        return shapes_from(np.random.default_rng(draw(st.integers(0, 2**32 - 1))), max_dim, max_batch, max_lead_dims)
 
     return draw_shapes()
+
+
+def shapes_from(rng: np.random.Generator, max_dim: int = 12, max_batch: int = 4, max_lead_dims: int = 2) -> dict:
+    """``lora_shapes``'s proportions from a NumPy generator (hypothesis favours the ends of its
+    ranges and repeats itself; these proportions are what the check relies on)."""
+
+    def size() -> int:
+        return 1 if max_dim < 2 or rng.random() < 1 / 8 else int(rng.integers(2, max_dim + 1))
+
+    lead = tuple(int(v) for v in rng.integers(1, max_batch + 1, size=int(rng.integers(1, max_lead_dims + 1))))
+    d_in = size()
+    d_out = d_in if rng.random() < 1 / 3 else size()
+    top = min(d_in, d_out)
+    rank = int(rng.choice([1, top, int(rng.integers(1, top + 1))]))
+    return {"lead": lead, "d_in": d_in, "d_out": d_out, "rank": rank}
 
 
 def well_scaled_floats(dtype: str = "float64", limit: float = LIMIT) -> st.SearchStrategy[float]:
@@ -126,7 +141,8 @@ def lora_problems(
 
     @st.composite
     def draw_problem(draw: Any) -> LoraProblem:
-        shapes = draw(lora_shapes(max_dim, max_batch, max_lead_dims))
+        seed_value = draw(st.integers(0, 2**32 - 1))  # one seed: the shapes and the values
+        shapes = shapes_from(np.random.default_rng([seed_value, 1]), max_dim, max_batch, max_lead_dims)
         p = None
         if dropout is not False and draw(option(dropout)):
             p = draw(st.sampled_from(DROPOUTS))
@@ -138,30 +154,64 @@ def lora_problems(
             fan_in_fan_out=draw(option(fan_in_fan_out)),
             bias=draw(option(bias)),
             dropout=p,
-            seed=draw(st.integers(0, 2**32 - 1)),
+            seed=seed_value,
         )
 
     return draw_problem()
 
 
-def adam_problems(dtypes: Any = DTYPES, *, max_dim: int = 8, max_steps: int = 6) -> st.SearchStrategy[AdamProblem]:
-    """Adam and AdamW (decoupled decay 0.01 or 0.1), with and without amsgrad, momentum 0.9
-    or 0.5, a few steps on random factors with gradients spanning two decades."""
+# gradient magnitudes 10^U(lo, hi): ordinary ones, tiny ones where eps decides the step, and both
+GRADIENT_DECADES = ((-1.3, 0.7), (-8.0, -2.0), (-8.0, 0.7))
+EPSILONS = (1e-8, 1e-6, 1e-3)
+
+
+def adam_problems(
+    dtypes: Any = DTYPES,
+    *,
+    max_dim: int = 8,
+    max_steps: int = 6,
+    amsgrad: bool | None = None,
+    l2: bool | None = None,  # False: Adam without decay (AdamW still decays)
+    maximize: bool | None = None,
+) -> st.SearchStrategy[AdamProblem]:
+    """Adam with L2 decay and AdamW with decoupled decay (0, 0.01 or 0.1 each), amsgrad,
+    maximize, eps in {1e-8, 1e-6, 1e-3}, momentum 0.9 or 0.5, a few steps on random factors with
+    gradients down to 1e-8, exact zeros and LoRA's first step (dA = 0). ``amsgrad`` and
+    ``maximize`` fix an option (None: drawn); ``l2=False`` never draws L2 decay. In bfloat16 the
+    learning rate is 1e-1 and some gradients reach eps: a smaller step is below the parameter's
+    own rounding, and a check that cannot tell an update from none has checked nothing."""
+
+    def option(fixed: bool | None) -> st.SearchStrategy[bool]:
+        return st.booleans() if fixed is None else st.just(fixed)
 
     @st.composite
     def draw_adam(draw: Any) -> AdamProblem:
-        shapes = draw(lora_shapes(max_dim, 1, 1))
+        seed_value = draw(st.integers(0, 2**32 - 1))
+        shapes = shapes_from(np.random.default_rng([seed_value, 1]), max_dim, 1, 1)
+        dtype = draw(st.sampled_from(tuple(dtypes)))
         decoupled = draw(st.booleans())
+        decay = draw(st.sampled_from([0.0, 0.01, 0.1]))
+        if not decoupled and l2 is False:
+            decay = 0.0
+        lrs = [1e-1] if dtype == "bfloat16" else [1e-3, 1e-2, 1e-1]
+        eps = draw(st.sampled_from(EPSILONS))
+        # in bfloat16 some gradients must reach eps: far below it, the step is below the rounding
+        decades = [d for d in GRADIENT_DECADES if dtype != "bfloat16" or d[1] >= math.log10(eps) + 1]
         return make_adam_problem(
             d_in=shapes["d_in"], d_out=shapes["d_out"], rank=shapes["rank"],
             steps=draw(st.integers(1, max_steps)),
-            dtype=draw(st.sampled_from(tuple(dtypes))),
+            dtype=dtype,
             decoupled=decoupled,
-            weight_decay=draw(st.sampled_from([0.01, 0.1])) if decoupled else 0.0,
-            amsgrad=draw(st.booleans()),
-            lr=draw(st.sampled_from([1e-3, 1e-2, 1e-1])),
+            weight_decay=decay,
+            amsgrad=draw(option(amsgrad)),
+            maximize=draw(option(maximize)),
+            lr=draw(st.sampled_from(lrs)),
             betas=draw(st.sampled_from([(0.9, 0.999), (0.5, 0.99)])),
-            seed=draw(st.integers(0, 2**32 - 1)),
+            eps=eps,
+            decades=draw(st.sampled_from(decades)),
+            zeros=draw(st.sampled_from([0.0, 0.0, 0.25])),
+            lora_first_step=draw(st.booleans()),
+            seed=seed_value,
         )
 
     return draw_adam()
@@ -169,15 +219,36 @@ def adam_problems(dtypes: Any = DTYPES, *, max_dim: int = 8, max_steps: int = 6)
 
 def sample(strategy: st.SearchStrategy, count: int, seed_value: int = 0) -> list:
     """Up to ``count`` examples of ``strategy``, the same ones for the same seed (hypothesis
-    runs its generation phase, without a database; fewer come back if the space is smaller)."""
-    drawn: list = []
+    runs its generation phase, without a database; fewer come back if the space is smaller).
+    Repeats are dropped: hypothesis draws the same example again now and then, and a repeated
+    case checks nothing new. Hypothesis keeps its files in a temporary folder meanwhile: nothing is left in the working
+    directory (no ``.hypothesis/``)."""
+    import hashlib
+    import pickle
+    import tempfile
 
-    @settings(max_examples=max(1, count), database=None, deadline=None, phases=[Phase.generate],
+    from hypothesis import configuration
+
+    drawn: list = []
+    seen: set = set()
+
+    @settings(max_examples=max(1, 5 * count), database=None, deadline=None, phases=[Phase.generate],
               derandomize=False, suppress_health_check=list(HealthCheck))
     @seed(seed_value)
     @given(strategy)
     def collect(value: Any) -> None:
-        drawn.append(value)
+        # a problem is known by its values (hypothesis varies an alpha and keeps the seed)
+        data = getattr(value, "x", getattr(value, "A", value))
+        key = hashlib.sha256(pickle.dumps(data)).digest()
+        if key not in seen and len(drawn) < count:
+            seen.add(key)
+            drawn.append(value)
 
-    collect()
+    previous = configuration.storage_directory()
+    with tempfile.TemporaryDirectory(prefix="minilora-hypothesis-") as home:
+        configuration.set_hypothesis_home_dir(home)
+        try:
+            collect()
+        finally:
+            configuration.set_hypothesis_home_dir(str(previous))
     return drawn[:count]

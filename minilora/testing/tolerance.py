@@ -46,6 +46,8 @@ __all__ = [
     "lora_bounds",
     "adam_bounds",
     "round_to",
+    "wider",
+    "STORED",
 ]
 
 # u = 2^-p for a p-bit significand (round to nearest)
@@ -93,21 +95,37 @@ def gamma(k: int, dtype: Any) -> float:
 
 
 def dot_bound(
-    k: int, magnitude: Any, dtype: Any, *, accumulate: Any = None, safety: float = SAFETY
+    k: int, magnitude: Any, dtype: Any, *, accumulate: Any = None, stores: int = 1, safety: float = SAFETY
 ) -> np.ndarray:
     """The tolerance of a length-k dot product (or chain of k roundings) whose magnitude is
     ``magnitude`` (the same computation on absolute values), elementwise:
 
-        safety * ((gamma_k(accumulate) + u_out) M + k eta(accumulate))
+        safety * ((gamma_k(accumulate) + gamma_stores(dtype)) M + k eta(accumulate) + stores eta(dtype))
 
-    ``accumulate`` is the dtype sums are carried in (default: ``dtype``); when it is wider
-    than ``dtype``, storing the result costs one more rounding u_out of ``dtype``.
+    ``accumulate`` is the dtype sums are carried in (default: ``dtype``). When it is wider than
+    ``dtype``, every intermediate the computation stores in ``dtype`` (``stores`` of them: the
+    product x A^T, then its product with B^T, the scaled branch, the sum with the base) is one
+    more rounding of ``dtype``; each intermediate's magnitude is at most M's share, so the
+    chain costs gamma_stores(dtype) M.
     """
     acc = dtype_name(accumulate if accumulate is not None else dtype)
     out = dtype_name(dtype)
-    store = UNIT_ROUNDOFF[out] if acc != out else 0.0
+    store = gamma(stores, out) if acc != out else 0.0
     m = np.asarray(magnitude, dtype=np.float64)
-    return safety * ((gamma(k, acc) + store) * m + k * _ETA[acc])
+    under = k * _ETA[acc] + (stores * _ETA[out] if acc != out else 0.0)
+    return safety * ((gamma(k, acc) + store) * m + under)
+
+
+# the intermediates each output stores in its dtype when sums are carried wider (``dot_bound``):
+# y: x*m, x A^T, (.) B^T, (.) s, x W^T + b, the final sum; W: B A, (.) s, W + (.); unmerge
+# twice that; dx: g B, (.) A, (.) m, (.) s, g W, the sum; dA, dB: g B (or x A^T), (.) s, the product
+STORED = {"y": 6, "W": 3, "W_back": 6, "x": 6, "A": 4, "B": 4, "b": 1}
+
+
+def wider(a: Any, b: Any) -> str:
+    """The wider of two dtypes (the one with the smaller unit roundoff)."""
+    a, b = dtype_name(a), dtype_name(b)
+    return a if UNIT_ROUNDOFF[a] <= UNIT_ROUNDOFF[b] else b
 
 
 def _host(a: Any) -> np.ndarray | None:
@@ -175,10 +193,16 @@ def lora_bounds(
     dropout_mask: Any = None,
     cotangent: Any = None,
     accumulate: Any = None,
+    adapter: Any = None,
     reference: Any = "float64",
     safety: float = SAFETY,
 ) -> dict[str, np.ndarray]:
     """Elementwise tolerances for every output of a LoRA layer in ``dtype``.
+
+    ``accumulate``: the dtype sums are carried in (then each stored intermediate costs one
+    rounding of ``dtype``, see ``STORED``); ``adapter``: the dtype the LoRA factors are stored
+    and computed in, when wider than the base's (PEFT keeps lora_A/B in float32 under a
+    float16/bfloat16 base): the gradients of A and B are then bounded in that dtype.
 
     Inputs as in ``minilora.lora_dense`` (host arrays; the values the implementation was given,
     already rounded to its dtype). Returns bounds keyed by output, each shaped like it:
@@ -204,7 +228,12 @@ def lora_bounds(
                                  dropout_mask=dropout_mask, cotangent=cotangent)
     out = {}
     for key, (k, M) in magnitudes.items():
-        bound = dot_bound(k, M, dtype, accumulate=accumulate, safety=safety)
+        dt = dtype_name(dtype)
+        acc = dtype_name(accumulate) if accumulate is not None else dt
+        if adapter is not None and key in ("A", "B"):
+            dt = wider(dt, adapter)
+            acc = wider(acc, dt)
+        bound = dot_bound(k, M, dt, accumulate=acc, stores=STORED[key], safety=safety)
         if reference is not None:
             bound = bound + dot_bound(k, M, reference, safety=safety)
         out[key] = bound
@@ -223,6 +252,7 @@ def adam_bounds(
     decoupled: bool = False,
     amsgrad: bool = False,
     maximize: bool = False,  # negates the gradients: the magnitudes, so the bounds, are the same
+    bias_correction: Any = "float64",
     reference: Any = "float64",
     safety: float = SAFETY,
 ) -> dict[str, np.ndarray]:
@@ -236,6 +266,11 @@ def adam_bounds(
     and the update p - (lr/c1) q adds gamma_2 (lr/c1)|q| + u |p|. With L2 decay (not
     decoupled) the parameter's error feeds back into the gradient as wd * e_p. The result is
     infinite where d - e_d <= 0: that dtype cannot resolve the step at all.
+
+    ``bias_correction``: the dtype 1 - beta^t is computed in (float64 in torch, whose step
+    count is a Python number; float32 in Keras, MLX and optax without x64). Rounding beta and
+    its power costs gamma_(t+1) beta^t / (1 - beta^t) + u relative in c = 1 - beta^t, 1.2e-4 at
+    beta2 = 0.999 and t = 1 in float32, charged on the step (c1) and on sqrt(v)/c2.
     """
     decoupled, amsgrad = check_bool(decoupled, "decoupled"), check_bool(amsgrad, "amsgrad")
     check_bool(maximize, "maximize")
@@ -243,7 +278,7 @@ def adam_bounds(
     out = {}
     for key, p0 in params.items():
         total = np.zeros(np.shape(p0))
-        for dt in (dtype, reference):
+        for which, dt in enumerate((dtype, reference)):
             if dt is None:
                 continue
             u = unit_roundoff(dt)
@@ -269,6 +304,11 @@ def adam_bounds(
                         g = g + weight_decay * p
                     c1 = 1 - b1**t
                     c2 = math.sqrt(1 - b2**t)
+                    e_c1 = e_c2 = 0.0
+                    if which == 0 and dtype_name(bias_correction) != "float64":
+                        ub = unit_roundoff(bias_correction)
+                        e_c1 = gamma(t + 1, bias_correction) * b1**t / c1 + ub
+                        e_c2 = (gamma(t + 1, bias_correction) * b2**t / c2**2 + ub) / 2 + ub
                     m = b1 * m + (1 - b1) * g
                     M = b1 * M + (1 - b1) * np.abs(g)
                     e_m = b1 * e_m + (1 - b1) * e_g + g3 * M
@@ -282,13 +322,13 @@ def adam_bounds(
                     sq = np.sqrt(vv)
                     e_sq = np.where(ev > 0, ev / (sq + np.sqrt(np.maximum(vv - ev, 0.0))), 0.0) + u * sq
                     d = sq / c2 + eps
-                    e_d = e_sq / c2 + g2 * d
+                    e_d = e_sq / c2 + g2 * d + e_c2 * sq / c2
                     d_lo = d - e_d
                     q = m / d
                     e_q = np.where(d_lo > 0, (e_m + np.abs(q) * e_d) / d_lo + u * np.abs(q), np.inf)
                     step = (lr / c1) * q
                     p = p - step
-                    e_p = e_p + (lr / c1) * e_q + g2 * np.abs(step) + u * np.abs(p)
+                    e_p = e_p + (lr / c1) * e_q + (g2 + e_c1) * np.abs(step) + u * np.abs(p)
             total = total + safety * e_p
         out[key] = total
     return out

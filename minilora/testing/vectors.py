@@ -48,6 +48,9 @@ SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 BOUND_DTYPES = ("float64", "float32")
 ERROR_KINDS: dict[str, type[Exception]] = {"shape": ShapeError, "non_finite": NonFiniteError}
+# a vector set must exercise each of these groups: verify fails a set that drops one (a reader that
+# passes "all cases" of a set without its invalid inputs has checked nothing about refusals)
+REQUIRED_GROUPS = ("forward", "gradients", "merge", "adam", "invalid")
 
 CONVENTIONS = (
     "Shapes follow PyTorch/PEFT: W (d_out, d_in) [fan_in_fan_out: (d_in, d_out)], b (d_out,), A (r, d_in), "
@@ -201,6 +204,7 @@ class VerifyReport:
     minilora_version: str
     groups: int = 0
     cases: int = 0
+    outputs: int = 0  # expected outputs compared (ok cases) plus refusals checked (error cases)
     failures: list[str] = field(default_factory=list)
 
     @property
@@ -272,12 +276,32 @@ def verify(folder: str | os.PathLike) -> VerifyReport:
         report.groups += 1
         path = os.path.join(folder, group["file"])
         tensors = files[group["file"]]
-        for case in group.get("cases", []):
+        cases = group.get("cases", [])
+        if not cases:
+            report.failures.append(f"group {group.get('name')!r} in {path} has no cases: nothing to check")
+        for case in cases:
             report.cases += 1
             message = _verify_case(case, tensors, path)
             if message:
                 report.failures.append(message)
+            elif isinstance(case, dict) and case.get("expect") != "error" and not case.get("outputs"):
+                report.failures.append(f"{case.get('id', '?')}: has no outputs to check in {path}")
+            else:
+                report.outputs += max(1, len(case.get("outputs") or ())) if isinstance(case, dict) else 0
+    report.failures.extend(_coverage_failures(manifest, report, folder))
     return report
+
+
+def _coverage_failures(manifest: dict, report: VerifyReport, folder: str) -> list[str]:
+    """A set with nothing to check fails: no groups, a required group missing, nothing compared."""
+    where = os.path.join(folder, MANIFEST)
+    names = [g.get("name") for g in manifest["groups"] if isinstance(g, dict)]
+    out = [f"{where}: the required group {name!r} is missing (a vector set has {', '.join(REQUIRED_GROUPS)})"
+           for name in REQUIRED_GROUPS if name not in names]
+    if report.outputs == 0:
+        out.append(f"{where}: nothing to check: {report.groups} groups, {report.cases} cases and no expected "
+                   "output or refusal among them")
+    return out
 
 
 def _tensor(tensors: dict, name: Any, path: str, cid: str) -> np.ndarray:

@@ -19,7 +19,7 @@ from helpers import REPO, assert_one_line_error, require, run_cli
 import minilora
 import minilora.cli.common
 from minilora.testing.adapters import FrameworkUnavailableError, TargetError, load_adapter
-from minilora.testing.conformance import PROPERTIES, check, planned
+from minilora.testing.conformance import EDGE_CASES, PROPERTIES, check, planned
 from minilora.testing.pytest_plugin import ConformanceTests
 
 TESTS = Path(__file__).resolve().parent
@@ -47,15 +47,19 @@ def test_check_passes_for_the_real_frameworks(target: str, tmp_path_factory: pyt
     lines = out.stdout.splitlines()
     assert lines[0].startswith(f"minilora check {target}: ")
     assert f"minilora {minilora.__version__}" in lines[0]
-    assert lines[1].split() == ["property", "dtype", "cases", "worst", "error", "/", "bound", "verdict"]
-    rows = [line.split() for line in lines[2:] if line.startswith("  ")]
+    # what the adapter declared is shown: torch's float32 sums under float16/bfloat16
+    assert lines[1].startswith("declared: float16: ") and "accumulate float32" in lines[1]
+    if target == "peft":
+        assert "adapter float32" in lines[1]
+    assert lines[2].split() == ["property", "dtype", "cases", "worst", "error", "/", "bound", "detects", "verdict"]
+    rows = [line.split() for line in lines[3:] if line.startswith("  ")]
     expected = [(p, d) for p in PROPERTIES if p != "init" for d in ALL_DTYPES if not (p == "adam" and d == "float16")]
     expected.append(("init", "float32"))
     assert [(r[0], r[1]) for r in rows] == expected
     assert all(r[-1] == "pass" for r in rows)
-    for r in rows:  # cases, then "error / bound (ratio)", each error within its bound
-        cases, error, bound = int(r[2]), float(r[3]), float(r[5])
-        assert cases >= (1 if r[0] == "init" else 20) and error <= bound
+    for r in rows:  # cases, then "error / bound (ratio)", each error within its bound, then ">threshold"
+        cases, error, bound, threshold = int(r[2]), float(r[3]), float(r[5]), float(r[7].lstrip(">"))
+        assert cases >= (2 if r[0] == "init" else 20) and error <= bound and 0 < threshold < 0.1
     assert lines[-1].startswith(f"all {len(expected)} checks passed")
 
     assert report["passed"] is True and report["target"] == target
@@ -90,6 +94,8 @@ def test_broken_adapters_fail_exactly_where_they_are_broken(name: str, breaks: s
     report = check(getattr(broken_adapter, name), max_examples=4, seed=1)
     assert not report.passed
     failed = {r.property for r in report.results if not r.passed}
+    if name == "WrongScale":  # its round trip cancels only in exact arithmetic: a 16x larger delta at
+        failed.discard("unmerge")  # width 1024 leaves a rounding residue beyond the right scale's bound in some dtypes
     assert failed == breaks
     for r in report.results:
         if r.property in breaks:  # broken in every dtype, with numbers, not an exception
@@ -194,7 +200,7 @@ def test_filters_and_planning() -> None:
                                                                           ("adam", "bfloat16")]
     assert planned(adapter, None, ["init"]) == [("init", "float32")]
     report = check("torch", dtypes=["float64"], properties=["merge"], max_examples=0)
-    assert [(r.property, r.dtype, r.cases) for r in report.results] == [("merge", "float64", 4)]
+    assert [(r.property, r.dtype, r.cases) for r in report.results] == [("merge", "float64", len(EDGE_CASES))]
 
 
 @pytest.mark.compare
@@ -240,7 +246,7 @@ def test_missing_class_and_missing_methods() -> None:
     assert_one_line_error(run_cli("check", "broken_adapter:NoSuchClass", pythonpath_first=TESTS),
                           "module 'broken_adapter' has no attribute 'NoSuchClass'")
     assert_one_line_error(run_cli("check", "broken_adapter:MissingMethods", pythonpath_first=TESTS),
-                          "missing the adapter method(s) grads, merge, unmerge, adam")
+                          "missing the adapter method(s) grads (an adapter needs forward, grads")
     with pytest.raises(TargetError, match="must look like module:Class"):
         load_adapter("broken_adapter:")
 

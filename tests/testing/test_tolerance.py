@@ -86,7 +86,11 @@ def test_gamma_refuses_a_meaningless_bound() -> None:
         gamma(256, "bfloat16")  # 256 * 2^-8 = 1
     # accumulating in float32 and storing in bfloat16 has a bound again
     bound = dot_bound(256, np.ones(1), "bfloat16", accumulate="float32")
-    assert bound[0] == pytest.approx(SAFETY * (gamma(256, "float32") + 2.0**-8) + SAFETY * 256 * 2.0**-149)
+    # one rounding of bfloat16 per stored intermediate (one by default)
+    assert bound[0] == pytest.approx(SAFETY * (gamma(256, "float32") + gamma(1, "bfloat16")) + SAFETY * 256 * 2.0**-149
+                                     + SAFETY * 2.0**-133)
+    five = dot_bound(256, np.ones(1), "bfloat16", accumulate="float32", stores=5)
+    assert five[0] > 4.9 * gamma(1, "bfloat16") * SAFETY
 
 
 # --------------------------------------------------------------------------- dot products

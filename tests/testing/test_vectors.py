@@ -56,7 +56,7 @@ def test_export_then_verify_on_the_command_line(tmp_path: Path) -> None:
     out = run_cli("vectors", "verify", str(folder))
     assert out.returncode == 0 and out.stderr == "", out.stderr
     cases = sum(len(g["cases"]) for g in manifest_of(folder)["groups"])
-    assert f"all {cases} cases in 5 groups agree with minilora {minilora.__version__}" in out.stdout
+    assert f"all {cases} cases (" in out.stdout and f"in 5 groups agree with minilora {minilora.__version__}" in out.stdout
 
 
 def test_export_is_deterministic(vectors: Path, tmp_path: Path) -> None:
@@ -104,7 +104,7 @@ def test_manifest_describes_every_case(vectors: Path) -> None:
 
 def test_verify_in_process_counts_everything(vectors: Path) -> None:
     report = verify(vectors)
-    assert report.passed and report.groups == 5
+    assert report.passed and report.groups == 5 and report.outputs > report.cases
     assert report.cases == sum(len(g["cases"]) for g in manifest_of(vectors)["groups"])
 
 
@@ -274,3 +274,54 @@ def test_header_length_is_little_endian(vectors: Path) -> None:
     data = (vectors / "forward.safetensors").read_bytes()
     (n,) = struct.unpack("<Q", data[:8])
     assert data[8:9] == b"{" and n % 8 == 0
+
+
+# --------------------------------------------------------------------------- a set with nothing to check
+
+
+def _consistent(folder: Path, change: Any) -> Path:
+    """The folder with its manifest changed (the hashes still match: only the manifest moved)."""
+    rewrite_manifest(folder, change)
+    return folder
+
+
+def _empty_outputs(m: dict) -> None:
+    for g in m["groups"]:
+        for c in g["cases"]:
+            c["outputs"] = {}
+
+
+def _drop_group(name: str) -> Any:
+    def change(m: dict) -> None:
+        m["groups"] = [g for g in m["groups"] if g["name"] != name]
+    return change
+
+
+def _empty_group(m: dict) -> None:
+    m["groups"][0]["cases"] = []
+
+
+NOTHING = [
+    ("every case's outputs empty", _empty_outputs, "forward/basic: has no outputs to check"),
+    ("no groups", lambda m: m.update(groups=[]), "nothing to check: 0 groups"),
+    ("invalid group removed", _drop_group("invalid"), "the required group 'invalid' is missing"),
+    ("adam group removed", _drop_group("adam"), "the required group 'adam' is missing"),
+    ("a group without cases", _empty_group, "group 'forward'"),
+]
+
+
+@pytest.mark.parametrize(("what", "change", "message"), NOTHING, ids=[n[0] for n in NOTHING])
+def test_verify_fails_a_set_with_nothing_to_check(vectors: Path, tmp_path: Path, what: str, change: Any,
+                                                  message: str) -> None:
+    folder = _consistent(copy_of(vectors, tmp_path), change)
+    report = verify(folder)
+    assert not report.passed
+    assert any(message in f for f in report.failures), report.failures
+
+
+@pytest.mark.slow
+def test_the_cli_fails_a_set_with_nothing_to_check(vectors: Path, tmp_path: Path) -> None:
+    folder = _consistent(copy_of(vectors, tmp_path), _empty_outputs)
+    out = run_cli("vectors", "verify", str(folder))
+    assert out.returncode == 1 and "Traceback" not in out.stderr and "agree with" not in out.stdout
+    assert "FAIL forward/basic: has no outputs to check" in out.stdout

@@ -8,6 +8,9 @@ values are exact in ``problem.dtype``, the dtype the adapter must compute in):
     forward(problem)  -> y (*lead, d_out): the LoRA layer on problem.x, with problem.mask (or
                          None) as its dropout mask and scale alpha/r (alpha/sqrt(r) if rslora)
     grads(problem)    -> {"x", "A", "B"}: gradients of sum(y * problem.cotangent)
+
+and, where the implementation has them (a missing one makes its rows "n/a", never a pass):
+
     merge(problem)    -> {"W": the merged base weight, in problem.W's layout,
                           "y": the merged layer's output on problem.x (no dropout)}
     unmerge(problem)  -> the base weight after merging and then unmerging
@@ -15,10 +18,14 @@ values are exact in ``problem.dtype``, the dtype the adapter must compute in):
                          gradients (an ``AdamProblem``; options as in ``minilora.adam_step``)
 
 and optionally the attributes ``name``, ``dtypes`` (default float64 and float32),
-``features`` (a subset of ``FEATURES``: the options it supports; default all), ``inits`` with
-a method ``init(d_in, d_out, rank, init, seed) -> {"A", "B"}`` (a fresh adapter's factors),
-and ``versions() -> {package: version}`` for the report. Write one for your implementation and
-run ``minilora check yourmodule:YourAdapter``; nothing in minilora needs to change.
+``features`` (a subset of ``FEATURES``: the layer options it supports; default all),
+``optimizer_features`` (a subset of ``OPTIMIZER_FEATURES``; an Adam case that needs a missing
+one is reported "not covered"), ``inits`` (names from ``INITS``) with a method
+``init(d_in, d_out, rank, init, seed) -> {"A", "B"}`` (a fresh adapter's factors), ``precision``
+(a dict, or a method of the dtype, with keys from ``PRECISION_KEYS``: see ``declared_precision``)
+and ``versions() -> {package: version}`` for the report. Unknown names are refused with the list
+of valid ones. Write one for your implementation and run ``minilora check yourmodule:YourAdapter``;
+nothing in minilora needs to change.
 """
 
 from __future__ import annotations
@@ -37,7 +44,13 @@ from minilora.errors import MiniLoraError, MiniLoraValueError, one_line
 __all__ = [
     "LoraAdapter",
     "REQUIRED_METHODS",
+    "OPTIONAL_METHODS",
     "FEATURES",
+    "OPTIMIZER_FEATURES",
+    "INITS",
+    "PRECISION_KEYS",
+    "declared_precision",
+    "adapter_optimizer_features",
     "BUILTIN",
     "TargetError",
     "FrameworkUnavailableError",
@@ -47,8 +60,23 @@ __all__ = [
     "adapter_features",
 ]
 
-REQUIRED_METHODS = ("forward", "grads", "merge", "unmerge", "adam")
+REQUIRED_METHODS = ("forward", "grads")
+OPTIONAL_METHODS = ("merge", "unmerge", "adam")
 FEATURES = frozenset({"fan_in_fan_out", "rslora", "dropout", "no_bias"})
+# Adam options beyond plain Adam: amsgrad, L2 decay (weight_decay with decoupled=False),
+# decoupled decay (AdamW), maximize
+OPTIMIZER_FEATURES = frozenset({"amsgrad", "l2", "decoupled", "maximize"})
+# the distributions of a fresh A: kaiming = U(-1/sqrt(d_in), 1/sqrt(d_in)) (torch's
+# kaiming_uniform_(a=sqrt(5)), PEFT/loralib), gaussian = N(0, 1/r^2) (PEFT), normal = N(0, 1)
+# (the paper), he_uniform = U(-sqrt(6/d_in), sqrt(6/d_in)) (Keras and Flax)
+INITS = ("kaiming", "gaussian", "normal", "he_uniform")
+DTYPE_NAMES = ("float64", "float32", "float16", "bfloat16")
+# what an adapter may declare about how it computes in each dtype (all default to that dtype,
+# bias_correction to float64): ``adapter`` the dtype its LoRA factors are stored and computed in
+# (PEFT keeps them float32 under a float16/bfloat16 base), ``accumulate`` the dtype its sums are
+# carried in, ``bias_correction`` the dtype of Adam's 1 - beta^t (Keras, MLX and optax without
+# x64: float32)
+PRECISION_KEYS = ("adapter", "accumulate", "bias_correction")
 
 # target name -> (module:Class, the packages it needs, the extra that installs them)
 BUILTIN = {
@@ -83,6 +111,28 @@ class FrameworkUnavailableError(MiniLoraError, ImportError):
 
 def missing_methods(obj: Any) -> list[str]:
     return [m for m in REQUIRED_METHODS if not callable(getattr(obj, m, None))]
+
+
+def has_method(obj: Any, name: str) -> bool:
+    return callable(getattr(obj, name, None))
+
+
+def adapter_optimizer_features(adapter: Any) -> frozenset:
+    return frozenset(getattr(adapter, "optimizer_features", OPTIMIZER_FEATURES))
+
+
+def declared_precision(adapter: Any, dtype: str) -> dict[str, str]:
+    """{"adapter", "accumulate", "bias_correction"}: how the adapter says it computes in
+    ``dtype`` (its ``precision`` attribute: a dict {dtype: {key: dtype}}, or a method of the
+    dtype), each missing key at its default."""
+    out = {"adapter": dtype, "accumulate": dtype, "bias_correction": "float64"}
+    declared = getattr(adapter, "precision", None)
+    if callable(declared):
+        declared = declared(dtype)
+    elif isinstance(declared, dict):
+        declared = declared.get(dtype, {})
+    out.update(declared or {})
+    return out
 
 
 def adapter_dtypes(adapter: Any) -> tuple[str, ...]:
@@ -178,7 +228,25 @@ def _checked(obj: Any, target: str) -> Any:
             f"{target} is missing the adapter method(s) {', '.join(missing)} (an adapter needs "
             f"{', '.join(REQUIRED_METHODS)}; see minilora.testing.adapters)"
         )
-    unknown = [d for d in adapter_dtypes(obj) if d not in ("float64", "float32", "float16", "bfloat16")]
-    if unknown:
-        raise TargetError(f"{target}.dtypes lists unknown dtypes {unknown}")
+    for attr, valid in (("dtypes", DTYPE_NAMES), ("features", tuple(sorted(FEATURES))),
+                        ("optimizer_features", tuple(sorted(OPTIMIZER_FEATURES))), ("inits", INITS)):
+        given = getattr(obj, attr, ())
+        if isinstance(given, str):
+            raise TargetError(f"{target}.{attr} must be a list of names, not the string {given!r}; "
+                              f"valid: {', '.join(valid)}")
+        unknown = [d for d in given if d not in valid]
+        if unknown:
+            raise TargetError(f"{target}.{attr} lists unknown names {unknown}; valid: {', '.join(valid)}")
+    for dt in adapter_dtypes(obj):
+        try:
+            declared = declared_precision(obj, dt)
+        except Exception as exc:
+            raise TargetError(f"{target}.precision({dt!r}) raised {one_line(exc)}") from None
+        bad = [k for k in declared if k not in PRECISION_KEYS]
+        if bad:
+            raise TargetError(f"{target}.precision for {dt} has unknown keys {bad}; valid: {', '.join(PRECISION_KEYS)}")
+        wrong = {k: v for k, v in declared.items() if v not in DTYPE_NAMES}
+        if wrong:
+            raise TargetError(f"{target}.precision for {dt} names unknown dtypes {wrong}; valid: "
+                              f"{', '.join(DTYPE_NAMES)}")
     return obj
