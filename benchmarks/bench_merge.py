@@ -86,19 +86,36 @@ def measure(cmd: list[str]) -> dict:
     return {"wall_s": wall, "cpu_s": usage.ru_utime + usage.ru_stime, "peak_rss_mb": usage.ru_maxrss / 1024}
 
 
-def bit_equal(a: str, b: str) -> tuple[bool, int]:
+def compare_outputs(a: str, b: str) -> dict:
+    """{"equal", "tensors", "differing_tensors", "differing_elements", "max_ulps"} of two
+    checkpoints, tensor by tensor on the bits (ulps: distance in the tensor's own dtype)."""
+    import numpy as np
+
     from minilora.formats.checkpoint import open_checkpoint, read_tensor
 
     ca, cb = open_checkpoint(a), open_checkpoint(b)
     if set(ca.entries) != set(cb.entries):
-        return False, 0
-    tensors = {}
+        return {"equal": False, "tensors": 0, "differing_tensors": -1, "differing_elements": -1, "max_ulps": -1}
+    tensors: dict = {}
     for ck, slot in ((ca, 0), (cb, 1)):
         for shard in ck.shards:
             with open(shard.path, "rb") as fh:
                 for name in shard.entries:
-                    tensors.setdefault(name, [None, None])[slot] = read_tensor(shard, fh, name).tobytes()
-    return all(x == y for x, y in tensors.values()), len(tensors)
+                    tensors.setdefault(name, [None, None])[slot] = read_tensor(shard, fh, name)
+    diff_t = diff_e = max_ulps = 0
+    for x, y in tensors.values():
+        if x.tobytes() == y.tobytes():
+            continue
+        diff_t += 1
+        ints = {1: np.int8, 2: np.int16, 4: np.int32, 8: np.int64}[x.dtype.itemsize]
+        xi, yi = (np.ascontiguousarray(v).view(ints).astype(np.int64).reshape(-1) for v in (x, y))
+        top = np.int64(1) << (8 * x.dtype.itemsize - 1)
+        xi, yi = (np.where(v < 0, -(v + top), v) for v in (xi, yi))  # sign-magnitude -> ordered
+        d = np.abs(xi - yi)
+        diff_e += int(np.count_nonzero(d))
+        max_ulps = max(max_ulps, int(d.max()))
+    return {"equal": diff_t == 0, "tensors": len(tensors), "differing_tensors": diff_t,
+            "differing_elements": diff_e, "max_ulps": max_ulps}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -142,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
             "minilora": measure([sys.executable, "-m", "minilora", "merge", base_file, adapter, ml_out]),
             "pytorch": measure([*me, "--torch-route", base, adapter, pt_out]),
         }
-        equal, n = bit_equal(ml_out, pt_out)
+        cmp = compare_outputs(ml_out, pt_out)
     finally:
         if not args.workdir:
             shutil.rmtree(workdir, ignore_errors=True)
@@ -158,14 +175,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:<10} {r['wall_s']:>8.2f} {r['cpu_s']:>8.2f} {r['peak_rss_mb']:>12,.0f} {r['mb_per_s']:>8,.0f}")
     print(f"minilora / pytorch wall {ratios['wall_vs_pytorch']:.2f}x (target <= 0.5), / copy {ratios['wall_vs_copy']:.2f}x "
           f"(target <= 4), peak RSS / pytorch {ratios['rss_vs_pytorch']:.2f}x (target <= 0.3)")
-    print(f"outputs bit-equal: {equal} ({n} tensors)")
+    print(f"outputs bit-equal: {cmp['equal']} ({cmp['tensors']} tensors; differing: {cmp['differing_tensors']} "
+          f"tensors, {cmp['differing_elements']} elements, at most {cmp['max_ulps']} ulps)")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"machine": platform.processor() or platform.machine(), "size_mb": size_mb,
                        "config": {"hidden": args.hidden, "layers": args.layers, "intermediate": args.intermediate,
-                                  "vocab": args.vocab}, "cases": rows, "ratios": ratios, "bit_equal": equal,
-                       "tensors": n}, fh, indent=2)
-    return 0 if equal else 1
+                                  "vocab": args.vocab}, "cases": rows, "ratios": ratios, "bit_equal": cmp["equal"],
+                       "comparison": cmp}, fh, indent=2)
+    return 0 if cmp["equal"] else 1
 
 
 if __name__ == "__main__":

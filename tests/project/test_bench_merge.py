@@ -24,7 +24,8 @@ def test_bench_merge_tiny_run_is_bit_equal(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "outputs bit-equal: True" in proc.stdout
     rec = json.loads(out.read_text())
-    assert rec["bit_equal"] is True and rec["tensors"] > 5
+    assert rec["bit_equal"] is True and rec["comparison"]["tensors"] > 5
+    assert rec["comparison"]["differing_elements"] == 0 and rec["comparison"]["max_ulps"] == 0
     for case in ("copy", "minilora", "pytorch"):
         assert rec["cases"][case]["wall_s"] > 0 and rec["cases"][case]["peak_rss_mb"] > 0
         assert rec["cases"][case]["cpu_s"] >= 0 and rec["cases"][case]["mb_per_s"] > 0

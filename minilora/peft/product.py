@@ -1,0 +1,153 @@
+"""The float32 product ``B @ A`` of a LoRA merge, summed in the order PyTorch 2.13's CPU matmul
+(MKL 2024.2, AVX2 kernels) sums it, so that a merge can reproduce PEFT's bits.
+
+What torch computes for ``C = B @ A`` (B (m, K), A (K, n), float32, row-major), measured on this
+project's machine by comparing its bits with NumPy emulations (``tests/peft/test_product.py``,
+``compare`` marker, checks them again at every size listed there):
+
+    m >= 4 and n >= 12    a fused multiply-add chain over k in order, from +0:
+                          c = fma(B[i, k], A[k, j], c) for k = 0..K-1 (one rounding per step);
+                          for K > 128 the chain restarts every 128 terms and the block sums are
+                          added left to right in float32 (measured at K = 256; not at K = 300,
+                          where the blocks are split otherwise: not reproduced)
+    K == 1                the plain product B[i, 0] * A[0, j] (the sign of a zero product kept)
+    otherwise             (m < 4 or n < 12: the matrix-vector and skinny kernels) a chain of
+                          separately rounded products and sums: c = c + B[i, k] * A[k, j]
+
+Not reproduced (measured with K = 16; K <= 4 matched everywhere): n in 1, 5-7, 9-11 with m >= 2,
+and m in 5, 7 with an odd n >= 17 (MKL's edge kernels split the sum otherwise). Model layers
+(both sides multiples of 8 and >= 12) are outside these.
+
+NumPy's BLAS (OpenBLAS) sums in a different order, so ``B @ A`` in NumPy differs from torch's in
+the last bit of about 0.1 to 3% of the entries (more with larger K); after the float32 -> bfloat16
+rounding of a merge a few elements per large tensor come out one bfloat16 step apart.
+
+``torch_order_matmul`` computes the chain exactly: the product of two float32 numbers is exact in
+float64, the float64 sum ``p + c`` is rounded once more, and converting that to float32 is the
+correct fma result except where the float64 sum lies exactly half-way between two float32 numbers
+(or in float32's subnormal range); there the exact error of the sum (two-sum) decides. It works in
+row blocks that stay in cache. Another CPU (AVX-512 kernels, another MKL) may sum in yet another
+order: bit-equality with PEFT holds where torch sums as described above.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["torch_order_matmul", "torch_order_entries", "fma_chain", "sum_error_bound", "K_BLOCK"]
+
+K_BLOCK = 128
+_BLOCK_ELEMENTS = 1 << 15  # float64 elements per row block (256 KiB per buffer)
+_F32_TINY = float(np.finfo(np.float32).tiny)
+
+
+def _fma_step(p: np.ndarray, c: np.ndarray, s: np.ndarray, c32: np.ndarray) -> None:
+    """c <- fma(...) for p (the exact float64 products) and c (float32 values held in float64),
+    in place; s and c32 are scratch buffers of c's shape (float64, float32)."""
+    np.add(p, c, out=s)
+    np.copyto(c32, s, casting="unsafe")
+    bits = s.view(np.int64)
+    # RN32(RN64(x)) != RN32(x) only when RN64(x) is a float32 half-way point (bits below the
+    # float32 mantissa: 1 followed by 28 zeros) or float32-subnormal: check those exactly
+    suspect = (bits & 0x1FFFFFFF) == 0x10000000
+    suspect |= (np.abs(s) < _F32_TINY) & (s != 0)  # an exact float64 zero is the exact sum
+    if suspect.any():
+        idx = np.nonzero(suspect)
+        ps, cs, ss = p[idx], c[idx], s[idx]
+        bp = ss - cs
+        err = (ps - bp) + (cs - (ss - bp))  # exact: x = ss + err
+        sb = ss.view(np.int64).copy()
+        # round to odd in float64 (53 >= 24 + 2 bits, so rounding that to float32 is exact RN)
+        fix = (err != 0) & ((sb & 1) == 0)
+        away = (err > 0) == (ss > 0)
+        sb[fix] += np.where(away[fix], 1, -1)
+        c32[idx] = sb.view(np.float64).astype(np.float32)
+    np.copyto(c, c32)
+
+
+def fma_chain(B: np.ndarray, A: np.ndarray) -> np.ndarray:
+    """sum_k B[:, k] A[k, :] as a float32 fused-multiply-add chain over k in order (from +0),
+    exactly; B (m, K), A (K, n) float32 -> (m, n) float32."""
+    m, K = B.shape
+    n = A.shape[1]
+    out = np.empty((m, n), np.float32)
+    B64, A64 = B.astype(np.float64), A.astype(np.float64)
+    rows = max(1, min(m, _BLOCK_ELEMENTS // max(n, 1)))
+    p = np.empty((rows, n))
+    c = np.empty((rows, n))
+    s = np.empty((rows, n))
+    c32 = np.empty((rows, n), np.float32)
+    for i0 in range(0, m, rows):
+        i1 = min(m, i0 + rows)
+        h = i1 - i0
+        pb, cb, sb, c32b = p[:h], c[:h], s[:h], c32[:h]
+        cb.fill(0.0)
+        for k in range(K):
+            np.multiply(B64[i0:i1, k:k + 1], A64[k], out=pb)
+            _fma_step(pb, cb, sb, c32b)
+        out[i0:i1] = c32b
+    return out
+
+
+def torch_order_matmul(B: np.ndarray, A: np.ndarray) -> np.ndarray:
+    """``B @ A`` in float32 with torch 2.13 CPU's summation order (see the module doc)."""
+    B = np.ascontiguousarray(B, dtype=np.float32)
+    A = np.ascontiguousarray(A, dtype=np.float32)
+    m, K = B.shape
+    n = A.shape[1]
+    if K == 1:
+        return np.multiply(B, A)
+    if m < 4 or n < 12:
+        out = np.zeros((m, n), np.float32)
+        for k in range(K):
+            out += np.multiply(B[:, k:k + 1], A[k:k + 1])
+        return out
+    total = fma_chain(B[:, :K_BLOCK], A[:K_BLOCK])
+    for k0 in range(K_BLOCK, K, K_BLOCK):
+        total += fma_chain(B[:, k0:k0 + K_BLOCK], A[k0:k0 + K_BLOCK])
+    return total
+
+
+def _chain(b: np.ndarray, a: np.ndarray) -> np.ndarray:
+    """fma_chain for pairs: b, a (N, K) float32 -> (N,) float32, sum_k b[:, k] a[:, k]."""
+    b64, a64 = b.astype(np.float64), a.astype(np.float64)
+    n = b.shape[0]
+    p, c, s = np.empty(n), np.zeros(n), np.empty(n)
+    c32 = np.empty(n, np.float32)
+    for k in range(b.shape[1]):
+        np.multiply(b64[:, k], a64[:, k], out=p)
+        _fma_step(p, c, s, c32)
+    return c32
+
+
+def torch_order_entries(B: np.ndarray, A: np.ndarray, i: np.ndarray, j: np.ndarray) -> np.ndarray:
+    """The entries (i, j) of ``torch_order_matmul(B, A)`` (index arrays), computed alone."""
+    B = np.asarray(B, dtype=np.float32)
+    A = np.asarray(A, dtype=np.float32)
+    m, K = B.shape
+    n = A.shape[1]
+    b, a = B[i], A[:, j].T
+    if K == 1:
+        return np.multiply(b[:, 0], a[:, 0])
+    if m < 4 or n < 12:
+        out = np.zeros(len(i), np.float32)
+        for k in range(K):
+            out += np.multiply(b[:, k], a[:, k])
+        return out
+    total = _chain(b[:, :K_BLOCK], a[:, :K_BLOCK])
+    for k0 in range(K_BLOCK, K, K_BLOCK):
+        total += _chain(b[:, k0:k0 + K_BLOCK], a[:, k0:k0 + K_BLOCK])
+    return total
+
+
+def sum_error_bound(B: np.ndarray, A: np.ndarray) -> float:
+    """A bound on |C - C'| for any two float32 evaluations C, C' of ``B @ A`` (any summation order,
+    fused or not): both lie within gamma_K * sum_k |B_ik| |A_kj| of the exact product (Higham,
+    Accuracy and Stability, 3.1), and sum_k |B_ik| |A_kj| <= max |B| * max_j sum_k |A_kj|."""
+    K = B.shape[1]
+    u = 2.0 ** -24
+    gamma = K * u / (1 - K * u)
+    if B.size == 0 or A.size == 0:
+        return 0.0
+    m = float(np.max(np.abs(B.astype(np.float64)))) * float(np.max(np.sum(np.abs(A.astype(np.float64)), axis=0)))
+    return 2.0 * gamma * m * (1 + 1e-6)
