@@ -116,6 +116,7 @@ def test_a_read_only_folder_is_refused_before_the_work(tmp_path: Path, capsys: A
 
 
 def test_sweep_refuses_plot_and_json_on_one_file(tmp_path: Path, capsys: Any) -> None:
+    require("matplotlib")  # without it, --plot is refused first (for that reason)
     target = str(tmp_path / "out")
     code, _, err = _run(capsys, *SWEEP, "--plot", target, "--json", target)
     _one_line(code, err, "--plot", "--json", "same file")
