@@ -139,6 +139,11 @@ def _unbroadcast(g: Any, like: Any) -> Any:
     return sum_to(g, _shape(like)) if _shape(g) != _shape(like) else g
 
 
+def _broadcast_like(t: Any, like: Any) -> Any:
+    """A tangent of a broadcast operand, spread to the output's shape (the JVP of broadcasting)."""
+    return broadcast_to(t, _shape(like)) if _shape(t) != _shape(like) else t
+
+
 defvjp(matmul,
        lambda ans, a, b: lambda g: matmul(g, T(b)),
        lambda ans, a, b: lambda g: matmul(T(rows(a, _shape(a)[-1])), rows(g, _shape(g)[-1])))
@@ -153,14 +158,14 @@ defvjp(add,
        lambda ans, a, b: lambda g: _unbroadcast(g, a),
        lambda ans, a, b: lambda g: _unbroadcast(g, b))
 defjvp(add,
-       lambda t, ans, a, b: broadcast_to(t, _shape(ans)) if _shape(t) != _shape(ans) else t,
-       lambda t, ans, a, b: broadcast_to(t, _shape(ans)) if _shape(t) != _shape(ans) else t)
+       lambda t, ans, a, b: _broadcast_like(t, ans),
+       lambda t, ans, a, b: _broadcast_like(t, ans))
 defvjp(sub,
        lambda ans, a, b: lambda g: _unbroadcast(g, a),
        lambda ans, a, b: lambda g: neg(_unbroadcast(g, b)))
 defjvp(sub,
-       lambda t, ans, a, b: broadcast_to(t, _shape(ans)) if _shape(t) != _shape(ans) else t,
-       lambda t, ans, a, b: neg(broadcast_to(t, _shape(ans)) if _shape(t) != _shape(ans) else t))
+       lambda t, ans, a, b: _broadcast_like(t, ans),
+       lambda t, ans, a, b: neg(_broadcast_like(t, ans)))
 defvjp(mul,
        lambda ans, a, b: lambda g: _unbroadcast(mul(g, b), a),
        lambda ans, a, b: lambda g: _unbroadcast(mul(g, a), b))
