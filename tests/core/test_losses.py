@@ -78,3 +78,30 @@ def test_a_prefix_of_whole_blocks_sums_the_same_way_inside_a_larger_array() -> N
         assert head == documented(p[:k * B], t[:k * B], True)
     assert ml.mse_loss(p, t, reduction="sum") == np.sum(
         np.array([ml.mse_loss(p[i:i + B], t[i:i + B], reduction="sum") for i in range(0, 6 * B, B)]))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("n", [7, losses.BLOCK - 1, losses.BLOCK, losses.BLOCK + 1, 3 * losses.BLOCK + 5])
+def test_the_l1_gradient_is_sign_of_d_over_n_at_every_size(n: int, dtype: str) -> None:
+    # The VJP forms sign(d) block by block above BLOCK elements (np.sign in place is slow):
+    # whatever the size, the gradient is sign(pred - target) / N elementwise, zeros and NaN kept.
+    rng = np.random.default_rng(n)
+    pred = rng.standard_normal(n).astype(dtype)
+    target = pred.copy()
+    target[::3] = rng.standard_normal(target[::3].shape)  # a third differ, the rest give sign 0
+    pred[5] = np.nan
+    target[6] = np.inf
+    g_pred, g_target = ml.grad(lambda p, t: ml.l1_loss(p, t), argnum=(0, 1))(pred, target)
+    expected = np.sign(pred - target) * (np.float64(1.0) / n)
+    assert g_pred.dtype == np.dtype(dtype)
+    np.testing.assert_array_equal(g_pred, expected.astype(dtype))
+    np.testing.assert_array_equal(g_target, -expected.astype(dtype))
+    assert 0 < np.count_nonzero(g_pred == 0) == np.count_nonzero(pred == target)
+
+
+def test_the_l1_gradient_of_strided_inputs() -> None:
+    rng = np.random.default_rng(0)
+    pred = rng.standard_normal((300, 400)).T  # not C-contiguous, more than one block
+    target = rng.standard_normal((400, 300))
+    g = ml.grad(lambda p: ml.l1_loss(p, target))(pred)
+    np.testing.assert_array_equal(g, np.sign(pred - target) / pred.size)
