@@ -50,7 +50,8 @@ from minilora.formats.fileio import atomic_open
 from minilora.formats.rounding import f32_to_bf16_bits
 from minilora.layers import merge_weight
 from minilora.peft.merge_plan import FLOAT, Job, MergeError, load_for_merge, make_plan
-from minilora.peft.product import sum_error_bound, torch_order_entries, torch_order_matmul
+from minilora.peft.product import torch_order_matmul
+from minilora.peft.rounded_merge import rounded_linear_merge
 
 __all__ = ["merge_adapter_file", "merge_checkpoint", "check_outputs", "MergeError", "DTYPE_NAMES"]
 
@@ -282,50 +283,17 @@ def _linear(module: str, name: str, value: np.ndarray, B: np.ndarray, A: np.ndar
     """W' = W + (B A) s (transposed for fan_in_fan_out) in the compute dtype, rounded to ``kind``,
     with torch's bits (``minilora.peft.product``): a float32 base gets the product summed in
     torch's order; a float16/bfloat16 base gets NumPy's fast product, and every element whose
-    rounding the other summation order could change (within ``sum_error_bound`` of a rounding
-    boundary) is computed again in torch's order. float64: NumPy's product as it is."""
+    rounding the other summation order could change is computed again in torch's order
+    (``minilora.peft.rounded_merge``). float64: NumPy's product as it is."""
     cd = value.dtype
     A, B = A.astype(cd, copy=False), B.astype(cd, copy=False)
+    if kind in ("F16", "BF16"):
+        out, new = rounded_linear_merge(value, B, A, s, fifo, kind)
+        return _checked(module, name, new, out, kind)
     P = torch_order_matmul(B, A) if kind == "F32" else np.matmul(B, A)
     new = np.multiply(P.T if fifo else P, s, order="C")
     new += value
-    out = _from_compute(new, kind)
-    if kind in ("F16", "BF16") and new.size:
-        near = _near_boundary(new, 2.1 * abs(float(s)) * sum_error_bound(B, A), kind)
-        if near.size:
-            r, c = np.unravel_index(near, new.shape)
-            i, j = (c, r) if fifo else (r, c)
-            exact = np.multiply(torch_order_entries(B, A, i, j), s)
-            exact += value.reshape(-1)[near]
-            out.reshape(-1)[near] = _from_compute(exact, kind)
-    return _checked(module, name, new, out, kind)
-
-
-def _near_boundary(new: np.ndarray, reach: float, kind: str) -> np.ndarray:
-    """Flat indices of the float32 sums ``new`` whose rounding to ``kind`` another evaluation
-    could change. ``reach`` bounds the difference of the two products' scaled values (|y - y'|);
-    the sums' own roundings add at most 3 float32 ulps, bounded by 2**-21 max|new|. The distance
-    d of a value to the half-way point above its truncation (same binade: exact in float32) is
-    the distance to the nearest half-way point, except just above a power of two, where the one
-    below is at least half as far: so d <= 2 reach' takes every element that could round
-    otherwise. float16: the same with its 10-bit mantissa, and every value in its subnormal range."""
-    flat = new.reshape(-1)
-    with np.errstate(invalid="ignore"):
-        vmax = max(float(np.max(flat)), -float(np.min(flat)))
-    if not math.isfinite(vmax):  # refused after the rounding
-        return np.empty(0, np.intp)
-    limit = np.float32(2.0 * (reach + vmax * 2.0 ** -21) + 2.0 ** -140)
-    low = 16 if kind == "BF16" else 13
-    b = flat.view(np.uint32)
-    mid = b & np.uint32((0xFFFFFFFF >> low) << low)
-    mid |= np.uint32(1 << (low - 1))
-    d = np.subtract(flat, mid.view(np.float32))
-    np.abs(d, out=d)
-    take = d <= limit
-    if kind == "F16":
-        np.bitwise_and(b, np.uint32(0x7FFFFFFF), out=mid)
-        take |= mid < np.uint32(0x38800000)  # |v| < 2**-14, float16's subnormals
-    return np.flatnonzero(take)
+    return _checked(module, name, new, _from_compute(new, kind), kind)
 
 
 def _checked(module: str, name: str, new: np.ndarray, out: np.ndarray, kind: str) -> np.ndarray:
