@@ -43,6 +43,12 @@ BLOCK_ELEMENTS = 1 << 15  # at most this many float32 elements per row block (12
 _SINGLE_THREAD_MNK = (1 << 18) - 1
 
 
+def _product(L: np.ndarray, Rt: np.ndarray, out: np.ndarray) -> None:
+    """The bulk product of one row block (NumPy's BLAS, in whatever order it sums); the bound
+    below holds for any order, and tests replace this with another one to show it."""
+    np.matmul(L, Rt, out=out)
+
+
 def _round(x: np.ndarray, kind: str) -> np.ndarray:
     return f32_to_bf16_bits(x) if kind == "BF16" else x.astype(np.float16)
 
@@ -79,7 +85,7 @@ def rounded_linear_merge(value: np.ndarray, B: np.ndarray, A: np.ndarray, s: Any
             i1 = min(R, i0 + rows)
             h = i1 - i0
             y, lim, d, m = new[i0:i1], bound[:h], dist[:h], mid[:h]
-            np.matmul(L[i0:i1], Rt, out=y)
+            _product(L[i0:i1], Rt, y)
             np.multiply(y, s, out=y)
             np.add(y, value[i0:i1], out=y)  # (B A) s + W: PEFT's order of rounding
             out[i0:i1] = _round(y, kind)
