@@ -26,6 +26,7 @@ from minilora.testing.tolerance import (
     gamma,
     lora_bounds,
     lora_magnitudes,
+    probable_gamma,
     round_to,
     unit_roundoff,
 )
@@ -36,6 +37,7 @@ __all__ = [
     "dtype_name",
     "unit_roundoff",
     "gamma",
+    "probable_gamma",
     "dot_bound",
     "lora_magnitudes",
     "lora_bounds",

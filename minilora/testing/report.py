@@ -42,6 +42,9 @@ class PropertyResult:
     missing: list[str] = field(default_factory=list)  # those options
     na: str | None = None  # why the property does not apply (no such method)
     threshold: float = math.inf  # the smallest relative error any case would have rejected
+    probable: int = 0  # cases judged by the probabilistic bound (no worst-case bound exists there)
+    hint: str | None = None  # a likely cause of the failures (a precision declared wider than used)
+    _hint_ruled_out: bool = field(default=False, repr=False)
     case_results: list[dict] = field(default_factory=list)
 
     @builtins.property  # (the field `property` shadows the builtin for type checkers)
@@ -79,6 +82,15 @@ class PropertyResult:
             entry["message"] = comparison.describe(self.dtype)
         self.case_results.append(entry)
 
+    def precision_evidence(self, evidence: str | bool | None) -> None:
+        """What one failed case says about the precision hint: its text when the case's error fits
+        the storage dtype's own bounds, False when it does not, None when that cannot be told. The
+        hint stands only while every failed case that can tell fits."""
+        if evidence is False:
+            self._hint_ruled_out, self.hint = True, None
+        elif isinstance(evidence, str) and not self._hint_ruled_out and self.hint is None:
+            self.hint = evidence
+
     def fail(self, case: str, message: str, *, raised: bool = False) -> None:
         """A case the adapter could not answer: it raised, or returned something unusable."""
         self.cases += 1
@@ -113,6 +125,8 @@ class PropertyResult:
                     f"[{self.worst_case}]: {w.describe(self.dtype)}")
             if self.error is not None:
                 text += f"; also {self.error}"
+            if self.hint is not None:
+                text += f". Hint: {self.hint}"
             return text
         return f"{head}: {self.failed_cases} of {self.cases} cases fail: {self.error}"
 
@@ -122,7 +136,10 @@ class PropertyResult:
             "property": self.property, "dtype": self.dtype, "cases": self.cases,
             "failed_cases": self.failed_cases, "not_covered": self.not_covered, "passed": self.passed,
             "verdict": self.verdict, "error": self.error, "detection_threshold": _num(self.threshold),
+            "probabilistic_bound_cases": self.probable,
         }
+        if self.hint is not None:
+            out["hint"] = self.hint
         if self.missing:
             out["missing_options"] = list(self.missing)
         if self.na is not None:
@@ -183,6 +200,8 @@ class CheckReport:
             verdict = r.verdict
             if r.not_covered and r.verdict != "not covered":
                 verdict += f" ({r.not_covered} not covered: {', '.join(r.missing)})"
+            if r.probable:
+                verdict += f" ({r.probable} on the probabilistic bound)"
             rows.append((r.property, r.dtype, str(r.cases), cell, detects, verdict))
         widths = [max(len(row[i]) for row in rows) for i in range(6)]
         lines = []

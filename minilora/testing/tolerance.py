@@ -41,6 +41,9 @@ __all__ = [
     "dtype_name",
     "unit_roundoff",
     "gamma",
+    "probable_gamma",
+    "PROBABLE_FAILURE",
+    "BOUND_MODELS",
     "dot_bound",
     "lora_magnitudes",
     "lora_bounds",
@@ -55,6 +58,10 @@ UNIT_ROUNDOFF = {"float64": 2.0**-53, "float32": 2.0**-24, "float16": 2.0**-11, 
 # the smallest positive subnormal: the most one underflowing product can lose
 _ETA = {"float64": 2.0**-1074, "float32": 2.0**-149, "float16": 2.0**-24, "bfloat16": 2.0**-133}
 SAFETY = 2.0
+# the probabilistic bound (``probable_gamma``): the chance that one element of an honest result
+# exceeds it, under that bound's model of the rounding errors
+PROBABLE_FAILURE = 1e-9
+BOUND_MODELS = ("worst", "probable")
 
 
 def dtype_name(dtype: Any) -> str:
@@ -94,8 +101,35 @@ def gamma(k: int, dtype: Any) -> float:
     return k * u / (1.0 - k * u)
 
 
+def probable_gamma(k: int, dtype: Any, failure: float = PROBABLE_FAILURE) -> float:
+    """The probabilistic counterpart of ``gamma``: a bound on k chained roundings that holds with
+    probability at least 1 - ``failure`` when the rounding errors are independent random variables
+    of mean zero (Higham and Mary, "A new approach to probabilistic rounding error analysis",
+    SIAM J. Sci. Comput. 41(5), 2019, theorems 3.1 and 4.1):
+
+        gamma~_k(lambda) = exp(lambda sqrt(k) u + k u^2 / (1 - u)) - 1,
+        with probability >= 1 - 2 k exp(-lambda^2 (1 - u)^2 / 2)
+
+    (k terms of a dot product, each bounded with that probability; ``lambda`` is chosen so the
+    whole is 1 - failure). It grows like sqrt(k) u instead of k u, so it exists at every width:
+    bfloat16 with k = 1024 gives about 1.7 (the worst case refuses k >= 256). It is a statement
+    about typical errors, not a guarantee: errors that are not independent or not centred (the
+    same value added again and again in low precision, say) can exceed it. ``minilora check``
+    uses it only where no worst-case bound exists, and says so in the report."""
+    u = unit_roundoff(dtype)
+    if k < 0:
+        raise MiniLoraValueError(f"k must be >= 0; got {k}")
+    if not 0.0 < failure < 1.0:
+        raise MiniLoraValueError(f"failure must be a probability in (0, 1); got {failure!r}")
+    if k == 0:
+        return 0.0
+    lam = math.sqrt(2.0 * math.log(2.0 * k / failure)) / (1.0 - u)
+    return math.expm1(lam * math.sqrt(k) * u + k * u * u / (1.0 - u))
+
+
 def dot_bound(
-    k: int, magnitude: Any, dtype: Any, *, accumulate: Any = None, stores: int = 1, safety: float = SAFETY
+    k: int, magnitude: Any, dtype: Any, *, accumulate: Any = None, stores: int = 1, safety: float = SAFETY,
+    model: str = "worst",
 ) -> np.ndarray:
     """The tolerance of a length-k dot product (or chain of k roundings) whose magnitude is
     ``magnitude`` (the same computation on absolute values), elementwise:
@@ -107,13 +141,21 @@ def dot_bound(
     product x A^T, then its product with B^T, the scaled branch, the sum with the base) is one
     more rounding of ``dtype``; each intermediate's magnitude is at most M's share, so the
     chain costs gamma_stores(dtype) M.
+
+    ``model``: "worst" (the default: Higham's worst-case gamma_k, which holds for any summation
+    order and any data) or "probable" (``probable_gamma``: holds with probability
+    1 - PROBABLE_FAILURE per element under a model of the rounding errors, and exists where the
+    worst case does not).
     """
+    if model not in BOUND_MODELS:
+        raise MiniLoraValueError(f"model must be one of {', '.join(BOUND_MODELS)}; got {model!r}")
+    g = gamma if model == "worst" else probable_gamma
     acc = dtype_name(accumulate if accumulate is not None else dtype)
     out = dtype_name(dtype)
-    store = gamma(stores, out) if acc != out else 0.0
+    store = g(stores, out) if acc != out else 0.0
     m = np.asarray(magnitude, dtype=np.float64)
     under = k * _ETA[acc] + (stores * _ETA[out] if acc != out else 0.0)
-    return safety * ((gamma(k, acc) + store) * m + under)
+    return safety * ((g(k, acc) + store) * m + under)
 
 
 # the intermediates each output stores in its dtype when sums are carried wider (``dot_bound``):
@@ -196,6 +238,7 @@ def lora_bounds(
     adapter: Any = None,
     reference: Any = "float64",
     safety: float = SAFETY,
+    model: str = "worst",
 ) -> dict[str, np.ndarray]:
     """Elementwise tolerances for every output of a LoRA layer in ``dtype``.
 
@@ -222,7 +265,8 @@ def lora_bounds(
     xm = x * mask, G and Xm fold the batch dimensions into n rows, g is ``cotangent`` (the
     gradient of the loss with respect to y); W's layouts follow ``fan_in_fan_out``. Each bound
     is ``dot_bound(K, M, dtype)`` plus, when ``reference`` is given, the same for the reference
-    dtype (the oracle's own rounding; pass None to compare against exact values).
+    dtype (the oracle's own rounding; pass None to compare against exact values). ``model`` as in
+    ``dot_bound`` ("probable" for the probabilistic bound; the reference's share stays worst-case).
     """
     magnitudes = lora_magnitudes(params, lora, x, scale=scale, fan_in_fan_out=fan_in_fan_out,
                                  dropout_mask=dropout_mask, cotangent=cotangent)
@@ -233,7 +277,7 @@ def lora_bounds(
         if adapter is not None and key in ("A", "B"):
             dt = wider(dt, adapter)
             acc = wider(acc, dt)
-        bound = dot_bound(k, M, dt, accumulate=acc, stores=STORED[key], safety=safety)
+        bound = dot_bound(k, M, dt, accumulate=acc, stores=STORED[key], safety=safety, model=model)
         if reference is not None:
             bound = bound + dot_bound(k, M, reference, safety=safety)
         out[key] = bound
@@ -255,6 +299,7 @@ def adam_bounds(
     bias_correction: Any = "float64",
     reference: Any = "float64",
     safety: float = SAFETY,
+    model: str = "worst",
 ) -> dict[str, np.ndarray]:
     """Elementwise tolerances for the parameters after ``len(grads)`` Adam/AdamW steps from
     ``params`` (dict of arrays) fed the fixed gradients ``grads`` (a list of dicts).
