@@ -62,6 +62,7 @@ from minilora.testing.variant_checks import VARIANT_METHOD_OF, VARIANT_PROPERTIE
 
 __all__ = [
     "PROPERTIES",
+    "CORE_PROPERTIES",
     "ADAM_DTYPES",
     "PropertyResult",
     "CheckReport",
