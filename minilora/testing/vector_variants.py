@@ -11,6 +11,10 @@ Operations (shapes as in ``docs/vectors.md``; m (d_out,), ids (...,) integers st
     embedding        y = W[ids] + scale A^T[ids] B^T,  W (num, dim), A (r, num), B (dim, r)
     embedding_vjp    dA, dB: the gradients of sum(y * g)
     embedding_merge  W + scale (B A)^T
+    trainable_set    no tensors in; options layers [[name, d_in, d_out, has_bias], ...], targets,
+                     bias ("none" | "all" | "lora_only"), use_dora and parameters (every
+                     "<layer>.<kind>" name, kind W, b, A, B or m); output "trainable": 1.0 for each
+                     parameter PEFT trains, 0.0 for the others, in the order of parameters (bound 0)
 
 Inputs are multiples of 1/32 below 4 in magnitude (the magnitude m in [1, 5)), exact in every
 float dtype. DoRA's bounds have no single reduction length (the row norm's relative error enters
@@ -28,8 +32,9 @@ from minilora.testing.vector_cases import VectorsError, _grid, _layer_case
 __all__ = ["VARIANT_GROUPS", "DORA_VECTOR_CASES", "EMBEDDING_VECTOR_CASES", "VARIANT_OPERATIONS",
            "variant_groups", "run_variant"]
 
-VARIANT_GROUPS = ("dora", "embedding")
-VARIANT_OPERATIONS = ("dora_dense", "dora_dense_vjp", "dora_merge", "embedding", "embedding_vjp", "embedding_merge")
+VARIANT_GROUPS = ("dora", "embedding", "trainable")
+VARIANT_OPERATIONS = ("dora_dense", "dora_dense_vjp", "dora_merge", "embedding", "embedding_vjp", "embedding_merge",
+                      "trainable_set")
 DORA_VECTOR_CASES = (
     dict(id="basic", comment="a small DoRA layer with bias, scale 2", lead=(3,), d_in=4, d_out=3, rank=2, alpha=4.0),
     dict(id="square", comment="square: a norm over the wrong axis keeps the shape", lead=(2,), d_in=4, d_out=4,
@@ -85,6 +90,8 @@ def run_variant(op: str, a: dict, o: dict) -> dict[str, np.ndarray]:
     from minilora.train import grad
     from minilora.variants import dora_dense, dora_merge, embedding_merge, lora_embedding
 
+    if op == "trainable_set":
+        return {"trainable": _trainable_mask(o)}
     s = float(o["scale"])
     if op.startswith("dora"):
         params = {"W": a["W"], **({"b": a["b"]} if "b" in a else {})}
@@ -111,6 +118,43 @@ def run_variant(op: str, a: dict, o: dict) -> dict[str, np.ndarray]:
         if op == "embedding_merge":
             return {"W": embedding_merge(table, lora, scale=s)["W"]}
     raise VectorsError(f"unknown operation {op!r}")
+
+
+def _trainable_mask(o: dict) -> np.ndarray:
+    from minilora.testing.variant_checks import trainable_oracle
+    from minilora.testing.variant_problems import TrainableProblem
+
+    p = TrainableProblem(tuple((str(n), int(i), int(d), bool(b)) for n, i, d, b in o["layers"]),
+                         tuple(o["targets"]), str(o["bias"]), bool(o["use_dora"]))
+    trains = trainable_oracle(p)
+    return np.array([1.0 if name in trains else 0.0 for name in o["parameters"]])
+
+
+def _trainable_group() -> tuple[dict, dict]:
+    from minilora.testing.variant_problems import trainable_cases
+    from minilora.testing.vectors import BOUND_DTYPES
+
+    tensors: dict[str, np.ndarray] = {}
+    cases = []
+    for p in trainable_cases(dora=True):
+        names = []
+        for name, _, _, bias in p.layers:
+            names += [f"{name}.W"] + ([f"{name}.b"] if bias else [])
+            if name in p.targets:
+                names += [f"{name}.A", f"{name}.B"] + ([f"{name}.m"] if p.dora else [])
+        o = {"layers": [list(layer) for layer in p.layers], "targets": list(p.targets), "bias": p.bias,
+             "use_dora": p.dora, "parameters": names}
+        cid = f"trainable/{p.label.replace(' ', '')}_{p.bias}" + ("_dora" if p.dora else "")
+        base = f"{cid}/out/trainable"
+        tensors[base] = _trainable_mask(o)
+        entry: dict[str, Any] = {"tensor": base, "reduction_length": None, "magnitude": None, "bound": {}}
+        for dt in BOUND_DTYPES:
+            tensors[f"{base}.bound.{dt}"] = np.zeros(len(names))
+            entry["bound"][dt] = f"{base}.bound.{dt}"
+        cases.append({"id": cid, "comment": p.describe(), "operation": "trainable_set", "expect": "ok", "options": o,
+                      "shapes": {}, "inputs": {}, "outputs": {"trainable": entry}})
+    return {"name": "trainable", "comment": "which parameters train under PEFT's bias modes (and use_dora): 1 "
+            "trains, 0 frozen, in the order of options.parameters", "cases": cases}, tensors
 
 
 # output name -> the key of variant_bounds' result
@@ -171,7 +215,7 @@ def _embedding_case(spec: dict, seed: int) -> tuple[dict, dict]:
 
 
 def variant_groups() -> list[tuple[dict, dict]]:
-    """(group, tensors) of the dora and embedding groups."""
+    """(group, tensors) of the dora, embedding and trainable groups."""
     from minilora.testing.variant_bounds import dora_bounds, embedding_bounds
 
     return [
@@ -181,4 +225,5 @@ def variant_groups() -> list[tuple[dict, dict]]:
         _group("embedding", "LoRA on an embedding table: forward, gradients of sum(y * g), merge",
                ("embedding", "embedding_vjp", "embedding_merge"), EMBEDDING_VECTOR_CASES, _embedding_case,
                lambda a, o, dt: embedding_bounds(_embedding_problem(a, o), dtype=dt), 6000),
+        _trainable_group(),
     ]

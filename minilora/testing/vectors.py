@@ -10,7 +10,7 @@ same bytes, so two vector sets can be compared with ``diff -r`` or ``sha256sum``
 Groups: ``forward`` (lora_dense), ``gradients`` (of sum(y * g) with respect to x, A, B),
 ``merge`` (merge and unmerge), ``adam`` (Adam/AdamW fed fixed gradients), ``invalid``
 (inputs an implementation must refuse: shapes that do not fit, a merge that overflows or
-meets a NaN), ``dora`` and ``embedding`` (``minilora.testing.vector_variants``).
+meets a NaN), ``dora``, ``embedding`` and ``trainable`` (``minilora.testing.vector_variants``).
 """
 
 from __future__ import annotations
@@ -63,7 +63,8 @@ CONVENTIONS = (
     "((x * mask) W^T) + c scale ((x * mask) A^T) B^T with c = m / ||W + scale B A|| per output row (the norm "
     "held constant in dora_dense_vjp, which gives dx, dA, dB, dm); dora_merge: c (W + scale B A) row by row. "
     "embedding: y = W[ids] + scale A^T[ids] B^T with W (num, dim), A (r, num), B (dim, r), ids integers stored "
-    "as F64; embedding_vjp: dA, dB; embedding_merge: W + scale (B A)^T."
+    "as F64; embedding_vjp: dA, dB; embedding_merge: W + scale (B A)^T. trainable_set: 1 for each name in "
+    "options.parameters that PEFT trains under options.bias (and use_dora), 0 for the others."
 )
 TOLERANCE_RULE = (
     "Pass when |actual - expected| <= bound elementwise. bound.<dtype> = 2 (gamma_k(u) M + k eta) for that "

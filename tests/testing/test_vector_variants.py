@@ -1,6 +1,7 @@
-"""The golden vectors' dora and embedding groups: verify recomputes them (a changed expected value
-or a dropped group fails), ids that are not integers in range are refused, and an independent
-torch implementation meets the stored float32 and float64 bounds."""
+"""The golden vectors' dora, embedding and trainable groups: verify recomputes them (a changed
+expected value or a dropped group fails), ids that are not integers in range are refused, an
+independent torch implementation meets the stored float32 and float64 bounds, and PEFT itself
+trains exactly the parameters the trainable group lists."""
 
 from __future__ import annotations
 
@@ -64,14 +65,15 @@ def test_the_groups_hold_every_operation(vectors: Path) -> None:
             assert np.max(np.abs(c - 1)) > 0.1, case["id"]
 
 
-@pytest.mark.parametrize(("filename", "output"), [("dora.safetensors", "dm"), ("embedding.safetensors", "y")])
+@pytest.mark.parametrize(("filename", "output"), [("dora.safetensors", "dm"), ("embedding.safetensors", "y"),
+                                                  ("trainable.safetensors", "trainable")])
 def test_verify_fails_a_changed_expected_value(vectors: Path, tmp_path: Path, filename: str, output: str) -> None:
     folder = _copy(vectors, tmp_path)
     group = _group(folder, filename.split(".")[0])
     case = next(c for c in group["cases"] if output in c["outputs"])
     name = case["outputs"][output]["tensor"]
     value = load(folder / filename)[name].copy()
-    value.reshape(-1)[0] *= 1.0001  # far beyond the float64 bound
+    value.reshape(-1)[0] = value.reshape(-1)[0] * 1.0001 if output != "trainable" else 1 - value.reshape(-1)[0]
     _rewrite(folder, filename, {name: value})
     report = verify(folder)
     assert not report.passed and any(f.startswith(case["id"] + ":") for f in report.failures), report.failures
@@ -142,3 +144,34 @@ def test_torch_meets_the_stored_variant_bounds(vectors: Path) -> None:
                 for name, out in case["outputs"].items():
                     err = np.abs(got[name].detach().double().numpy() - t[out["tensor"]])
                     assert np.all(err <= t[out["bound"][dtype]]), (case["id"], name, dtype)
+
+
+def test_the_trainable_options_are_checked(vectors: Path, tmp_path: Path) -> None:
+    from minilora.testing.vectors import VectorsError
+
+    folder = _copy(vectors, tmp_path)
+    m = _manifest(folder)
+    group = next(g for g in m["groups"] if g["name"] == "trainable")
+    group["cases"][0]["options"]["bias"] = "lora"
+    (folder / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(VectorsError, match=r"options.bias must be one of none, all, lora_only; got 'lora'"):
+        verify(folder)
+
+
+@pytest.mark.compare
+def test_peft_trains_what_the_trainable_group_says(vectors: Path) -> None:
+    require("peft")
+    from minilora.testing.adapters.peft_adapter import PeftAdapter
+    from minilora.testing.variant_problems import TrainableProblem
+
+    adapter = PeftAdapter()
+    t = load(vectors / "trainable.safetensors")
+    cases = _group(vectors, "trainable")["cases"]
+    assert len(cases) == 18 and {c["options"]["bias"] for c in cases} == {"none", "all", "lora_only"}
+    for case in cases:
+        o = case["options"]
+        p = TrainableProblem(tuple(tuple(layer) for layer in o["layers"]), tuple(o["targets"]), o["bias"],
+                             o["use_dora"])
+        trains = adapter.trainable(p)
+        mask = t[case["outputs"]["trainable"]["tensor"]]
+        assert {n for n, v in zip(o["parameters"], mask, strict=True) if v == 1.0} == trains, case["id"]
