@@ -20,7 +20,8 @@ def register(sub: Any) -> None:
     check = sub.add_parser(
         "check",
         help="check a LoRA implementation against minilora (torch, peft, loralib or module:Class)",
-        description="Run the conformance properties (forward, gradients, merge/unmerge, Adam steps, init) "
+        description="Run the conformance properties (forward, gradients, merge/unmerge, Adam steps, init; "
+        "DoRA, LoRA embeddings and the trainable set under PEFT's bias modes, where the target has them) "
         "against TARGET in each dtype it supports, over fixed edge cases and seeded hypothesis cases, "
         "with the tolerance of minilora.testing (docs/tolerance.md). Exits 1 if any property fails.",
     )

@@ -11,7 +11,9 @@ LoRA layer (docs/tolerance.md has the derivation); ``compare`` applies it and sa
 is off. ``problems`` holds LoRA problems as plain data, ``strategies`` has hypothesis strategies for
 LoRA problems (imported on use: hypothesis is needed only there), ``adapters`` drives PyTorch,
 PEFT, loralib or your own class through one protocol, ``conformance.check`` runs the properties
-(``minilora check TARGET`` on the command line), and ``pytest_plugin`` runs them inside pytest.
+(``minilora check TARGET`` on the command line; the DoRA, embedding and trainable-set ones live in
+``variant_checks``, with ``variant_problems`` and ``variant_bounds``), and ``pytest_plugin`` runs
+them inside pytest.
 """
 
 from __future__ import annotations

@@ -37,9 +37,11 @@ import numpy as np
 from minilora.errors import MiniLoraValueError, one_line
 from minilora.testing.adapters import (
     VARIANT_METHODS,
+    adapter_dora_features,
     adapter_dtypes,
     adapter_features,
     adapter_optimizer_features,
+    adapter_variant_dtypes,
     declared_precision,
     has_method,
     load_adapter,
@@ -354,6 +356,8 @@ def _declared(adapter: Any) -> dict:
         "features": sorted(adapter_features(adapter)),
         "optimizer_features": sorted(adapter_optimizer_features(adapter)),
         "inits": list(getattr(adapter, "inits", ())),
+        "dora_features": sorted(adapter_dora_features(adapter)),
+        "variant_dtypes": list(adapter_variant_dtypes(adapter)),
         "methods": [m for m in ("forward", "grads", "merge", "unmerge", "adam", "init", *VARIANT_METHODS)
                     if has_method(adapter, m)],
         "precision": {dt: declared_precision(adapter, dt) for dt in adapter_dtypes(adapter)},

@@ -15,32 +15,44 @@ the square root gives dn = 1 - sqrt(1 - d2) (exact, not a first-order guess) plu
 and c = m / n errs by dc = (1 + u)(1 + dn / (1 - dn)) - 1 relative. No bound exists when d2 >= 1
 (refused, as ``gamma`` refuses k u >= 1).
 
-Every DoRA output is then a LoRA-like computation with one factor c known to dc relative:
+Every DoRA output is then a LoRA-like computation in which some terms carry a factor c known to
+dc relative. With M the magnitude of the terms free of c, T that of the terms carrying c, and
+T_dc the same as T with each row's c weighted by its own dc (a sum over output rows, as in dx and
+dA, mixes the rows' c's):
 
-    ======= ===================================================================== ===============
-    key     magnitude M (and T, the part that carries c)                          K
-    ======= ===================================================================== ===============
-    y       |x||W|^T + |b| + |c - 1| (|xm||W|^T) + T,  T = |c| (|xm||W|^T +        d_in + r + 6
-            |s| (|xm||A|^T)|B|^T)
-    x       |g||W| + (|g||c - 1||W| + T') |m|,  T' = |s| ((|g c|)|B|)|A| + |g c||W|  d_out + r + 6
-    A       |s| (|G c| |B|)^T |Xm|   (all of it carries c)                        d_out + n + 4
-    B       |s| |G c|^T (|Xm||A|^T)  (all of it carries c)                        d_in + n + 4
-    m       sum_n |g| (|xm||W|^T + |s| (|xm||A|^T)|B|^T) / n  (carries 1/n)       d_in + r + n + 6
-    W       |c| Mv row by row            (merge; all of it carries c)             r + 3
-    y_merged |x| (|c| Mv)^T + |b|        (the merged layer; all but b carry c)    d_in + r + 6
-    W_back  Mv                           (merge, unmerge: two c's, 2 dc)          2 r + 8
-    ======= ===================================================================== ===============
+    bound = SAFETY (gamma_K(accumulate) (M + T) + T_dc  [+ gamma_stores(dtype) (M + T) when sums are wider])
 
-    bound = SAFETY (gamma_K(accumulate) M + dc T [+ gamma_stores(dtype) M when sums are wider])
+    ======== ============================================================== ===============
+    key      M, and T (the terms with c)                                    K
+    ======== ============================================================== ===============
+    y        M = |x||W|^T + |b| + |c - 1| (|xm||W|^T),                      d_in + r + 6
+             T = |c| (|xm||W|^T + |s| (|xm||A|^T)|B|^T)
+    x        M = |g||W| + ((|g||c - 1|)|W|) |m|,                            d_out + r + 6
+             T = (|s| ((|g||c|)|B|)|A| + (|g||c|)|W|) |m|
+    A        T = |s| ((|G||c|) |B|)^T |Xm|                                  d_out + n + 4
+    B        T = |s| (|G||c|)^T (|Xm||A|^T)                                 d_in + n + 4
+    m        T = sum_n |g| (|xm||W|^T + |s| (|xm||A|^T)|B|^T) / n (1/n errs   d_in + r + n + 6
+             by at most dc)
+    W        T = |c| Mv row by row                (merge)                   r + 3
+    y_merged M = |b|, T = |x| (|c| Mv)^T          (the merged layer)        d_in + r + 6
+    W_back   T = Mv, charged 2 dc (the merge's c and the unmerge's)         2 r + 8
+    ======== ============================================================== ===============
 
-(m the dropout mask, xm = x * m; a form that computes c (x W^T + s (x A^T) B^T) + b without
-dropout, or the forward through the merged weight, has magnitude within M since
-|c| <= 1 + |c - 1|.) The reference's own float64 error is added as in ``lora_bounds``.
+(m the dropout mask, xm = x * m, g the cotangent, G and Xm the batch folded into n rows; fan_in_fan_out
+transposes W's bounds. A form that computes c (x W^T + s (x A^T) B^T) + b without dropout, or the
+forward pass through the merged weight, stays within M + T since |c| <= 1 + |c - 1|.) The
+reference's own float64 error is added as in ``lora_bounds``.
 
 Embedding (y = W[ids] + s A^T[ids] B^T, gathers exact): y: M = |W[ids]| + |s| |A^T[ids]||B|^T,
 K = r + 3; dA: M = |s| (P^T (|G||B|))^T, K = dim + n + 3 (P the one-hot of ids: a row of A^T
 sums its occurrences); dB: M = |s| |G|^T |A^T[ids]|, K = n + 3; merge: M = |W| + |s| (|B||A|)^T,
 K = r + 2; the merged table at ids: that bound gathered.
+
+Underflow is not charged (unlike ``dot_bound``'s k eta): the problems' inputs are 0 or at least
+2^-8 in magnitude and below 8, so no product of the four factors in a chain comes near float32's
+smallest normal number. Mixed precision (a float16/bfloat16 base with float32 factors or norms,
+as PEFT computes DoRA there) has no model here yet: ``minilora check`` runs these rows in float64
+and float32 only.
 """
 
 from __future__ import annotations

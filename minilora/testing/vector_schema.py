@@ -21,7 +21,16 @@ OPERATIONS: dict[str, tuple[frozenset[str], frozenset[str], frozenset[str]]] = {
     "merge": (frozenset({"W", "A", "B"}), frozenset({"x", "b", "mask", "g"}), frozenset({"W"})),
     "unmerge": (frozenset({"W", "A", "B"}), frozenset({"x", "b", "mask", "g"}), frozenset({"W"})),
     "adam_steps": (frozenset({"A", "B"}), frozenset(), frozenset({"A", "B"})),
+    "dora_dense": (frozenset({"x", "W", "A", "B", "m"}), frozenset({"b", "mask", "g"}), frozenset({"y"})),
+    "dora_dense_vjp": (frozenset({"x", "W", "A", "B", "m", "g"}), frozenset({"b", "mask"}),
+                       frozenset({"dx", "dA", "dB", "dm"})),
+    "dora_merge": (frozenset({"W", "A", "B", "m"}), frozenset({"x", "b", "mask", "g"}), frozenset({"W"})),
+    "embedding": (frozenset({"ids", "W", "A", "B"}), frozenset({"g"}), frozenset({"y"})),
+    "embedding_vjp": (frozenset({"ids", "W", "A", "B", "g"}), frozenset(), frozenset({"dA", "dB"})),
+    "embedding_merge": (frozenset({"W", "A", "B"}), frozenset({"ids", "g"}), frozenset({"W"})),
+    "trainable_set": (frozenset(), frozenset(), frozenset({"trainable"})),
 }
+BIAS_MODES = ("none", "all", "lora_only")
 EXPECT = ("ok", "error")
 SHA256 = re.compile(r"[0-9a-f]{64}")
 MAX_ADAM_STEPS = 10_000  # each step needs its own gradient tensors: far more than any real manifest
@@ -117,6 +126,8 @@ def _check_case(w: _Where, case: Any, field: str, error_kinds: Any) -> None:
         steps = _check_adam_options(w, options, f"{field}.options")
         needed = needed | {f"grads/{t}/{k}" for t in range(1, steps + 1) for k in ("A", "B")}
         optional = needed
+    elif op == "trainable_set":
+        _check_trainable_options(w, options, f"{field}.options")
     else:
         w.number(options.get("scale"), f"{field}.options.scale")
         w.kind(options.get("fan_in_fan_out"), bool, f"{field}.options.fan_in_fan_out", "true or false")
@@ -161,3 +172,25 @@ def _check_adam_options(w: _Where, o: dict, field: str) -> int:
         if key in o:
             w.kind(o[key], bool, f"{field}.{key}", "true or false")
     return steps
+
+
+def _check_trainable_options(w: _Where, o: dict, field: str) -> None:
+    layers = w.kind(o.get("layers"), list, f"{field}.layers", "a list of [name, d_in, d_out, has_bias]")
+    names = []
+    for i, layer in enumerate(layers):
+        f = f"{field}.layers[{i}]"
+        w.kind(layer, list, f, "a list [name, d_in, d_out, has_bias]")
+        if len(layer) != 4:
+            raise w.error(f, f"must be [name, d_in, d_out, has_bias]; got {_short(layer)}")
+        names.append(w.kind(layer[0], str, f"{f}[0]", "a layer name"))
+        w.integer(layer[1], f"{f}[1]", low=1)
+        w.integer(layer[2], f"{f}[2]", low=1)
+        w.kind(layer[3], bool, f"{f}[3]", "true or false")
+    for i, t in enumerate(w.kind(o.get("targets"), list, f"{field}.targets", "a list of layer names")):
+        if t not in names:
+            raise w.error(f"{field}.targets[{i}]", f"names {_short(t)}, which is not in layers")
+    if o.get("bias") not in BIAS_MODES:
+        raise w.error(f"{field}.bias", f"must be one of {', '.join(BIAS_MODES)}; got {_short(o.get('bias'))}")
+    w.kind(o.get("use_dora"), bool, f"{field}.use_dora", "true or false")
+    for i, p in enumerate(w.kind(o.get("parameters"), list, f"{field}.parameters", "a list of names")):
+        w.kind(p, str, f"{field}.parameters[{i}]", "a name like 'fc1.A'")
