@@ -50,9 +50,28 @@ K = r + 2; the merged table at ids: that bound gathered.
 
 Underflow is not charged (unlike ``dot_bound``'s k eta): the problems' inputs are 0 or at least
 2^-8 in magnitude and below 8, so no product of the four factors in a chain comes near float32's
-smallest normal number. Mixed precision (a float16/bfloat16 base with float32 factors or norms,
-as PEFT computes DoRA there) has no model here yet: ``minilora check`` runs these rows in float64
-and float32 only.
+smallest normal number (float16's smallest normal 2^-14 included: a product of two inputs is at
+least 2^-16, but every chain here sums in the declared ``accumulate`` dtype, float32 for the
+built-in adapters, and stores only sums of such products).
+
+Mixed precision (``adapter`` wider than ``dtype``: PEFT keeps lora_A/B and DoRA's magnitude in
+float32 under a float16/bfloat16 base, casts x to float32, and computes W + s B A and its row norm
+in float32 from the base weight, which widens exactly). Then:
+
+* dc is ``dora_factor_error`` in the adapter dtype (the norm and m / n never touch the base dtype);
+* A, B and m (stored and computed in the adapter dtype) are bounded in it, gamma_K(adapter) with
+  no base-dtype stores, except m's one term that reads a base-dtype value: PEFT's base output
+  x W^T + b is computed and stored in ``dtype``, then its bias subtracted in ``dtype``, so m's
+  bound adds SAFETY (gamma_3(dtype) + gamma_(d_in+3)(accumulate)) sum_n |g| (|xm||W|^T + |b|) / n;
+* the outputs stored in the base dtype (y, x, W, y_merged, W_back) keep the base model above: the
+  adapter's own float32 roundings are each smaller than the base dtype's, so charging every
+  stored intermediate as a base-dtype rounding (``_gamma_chain``) bounds them too; only their dc
+  is the adapter dtype's.
+
+y's M includes |c - 1| |b| (PEFT forms (c - 1)(y0 - b) from the stored y0 = x W^T + b, whose
+rounding is relative to |x W^T + b|). The embedding under a wider adapter dtype: dA and dB are
+bounded in the adapter dtype (the cotangent widens exactly, the gathers are exact), y, W and the
+merged table in the base dtype as above.
 """
 
 from __future__ import annotations
@@ -62,7 +81,7 @@ from typing import Any
 import numpy as np
 
 from minilora.errors import MiniLoraValueError
-from minilora.testing.tolerance import SAFETY, STORED, dtype_name, gamma, unit_roundoff
+from minilora.testing.tolerance import SAFETY, STORED, dtype_name, gamma, unit_roundoff, wider
 
 __all__ = ["dora_factor_error", "dora_bounds", "embedding_bounds"]
 
@@ -105,7 +124,7 @@ def dora_factor_error(W: Any, A: Any, B: Any, *, scale: float, dtype: Any, accum
     return (1.0 + u) * (1.0 + dn / (1.0 - dn)) - 1.0
 
 
-def _dora_one(p: Any, dt: str, acc: str) -> dict[str, np.ndarray]:
+def _dora_one(p: Any, dt: str, acc: str, ad: str) -> dict[str, np.ndarray]:
     s = abs(float(p.scale))
     x = np.asarray(p.x, dtype=np.float64)
     W = np.asarray(p.W, dtype=np.float64)
@@ -116,7 +135,10 @@ def _dora_one(p: Any, dt: str, acc: str) -> dict[str, np.ndarray]:
     V = W_oi + p.scale * (B @ A)
     n = np.sqrt(np.sum(V * V, axis=1))  # (d_out,)
     c = np.asarray(p.magnitude, dtype=np.float64) / n
-    dc = dora_factor_error(p.W, p.A, p.B, scale=p.scale, dtype=dt, accumulate=acc, fan_in_fan_out=p.fan_in_fan_out)
+    mixed = ad != dt  # factors, m and the norm in the adapter dtype (module docstring)
+    ad_acc = wider(acc, ad)
+    dc = dora_factor_error(p.W, p.A, p.B, scale=p.scale, dtype=ad if mixed else dt,
+                           accumulate=ad_acc if mixed else acc, fan_in_fan_out=p.fan_in_fan_out)
     ac, ac1 = np.abs(c), np.abs(c - 1.0)
     aW, aA, aB = np.abs(W_oi), np.abs(A), np.abs(B)
     mask = None if p.mask is None else np.abs(np.asarray(p.mask, dtype=np.float64))
@@ -128,9 +150,11 @@ def _dora_one(p: Any, dt: str, acc: str) -> dict[str, np.ndarray]:
     G, Xm = g.reshape(-1, d_out), axm.reshape(-1, d_in)
     Mv = aW + s * (aB @ aA)
 
-    def bound(k: int, M: Any, T: Any, T_dc: Any) -> np.ndarray:
-        # T the part that carries a factor c, T_dc the same with each c weighted by its dc
-        return SAFETY * (_gamma_chain(k, dt, acc) * (M + T) + T_dc)
+    def bound(k: int, M: Any, T: Any, T_dc: Any, own: bool = False) -> np.ndarray:
+        # T the part that carries a factor c, T_dc the same with each c weighted by its dc; own:
+        # an output stored and computed in the adapter dtype
+        chain = _gamma_chain(k, ad, ad_acc) if own and mixed else _gamma_chain(k, dt, acc)
+        return SAFETY * (chain * (M + T) + T_dc)
 
     def masked(a: np.ndarray) -> np.ndarray:
         return a if mask is None else a * mask
@@ -139,16 +163,19 @@ def _dora_one(p: Any, dt: str, acc: str) -> dict[str, np.ndarray]:
     lora_m = s * (axm @ aA.T) @ aB.T
     out = {}
     t_y = ac * (base_m + lora_m)
-    out["y"] = bound(d_in + r + 6, ax @ aW.T + ab + ac1 * base_m, t_y, dc * t_y)
+    out["y"] = bound(d_in + r + 6, ax @ aW.T + ab + ac1 * (base_m + ab), t_y, dc * t_y)
     gc, gcd = g * ac, g * ac * dc  # dx, dA sum over the output rows: each row's c with its own dc
     out["x"] = bound(d_out + r + 6, g @ aW + masked((g * ac1) @ aW), masked(s * (gc @ aB) @ aA + gc @ aW),
                      masked(s * (gcd @ aB) @ aA + gcd @ aW))
     Gc, Gcd = G * ac, G * ac * dc
-    out["A"] = bound(d_out + n_rows + 4, 0.0, s * (Gc @ aB).T @ Xm, s * (Gcd @ aB).T @ Xm)
+    out["A"] = bound(d_out + n_rows + 4, 0.0, s * (Gc @ aB).T @ Xm, s * (Gcd @ aB).T @ Xm, own=True)
     t_B = s * Gc.T @ (Xm @ aA.T)
-    out["B"] = bound(d_in + n_rows + 4, 0.0, t_B, dc[:, None] * t_B)
+    out["B"] = bound(d_in + n_rows + 4, 0.0, t_B, dc[:, None] * t_B, own=True)
     t_m = np.sum(G * (Xm @ aW.T + s * (Xm @ aA.T) @ aB.T), axis=0) / n
-    out["m"] = bound(d_in + r + n_rows + 6, 0.0, t_m, dc * t_m)  # 1/n errs by at most dc
+    out["m"] = bound(d_in + r + n_rows + 6, 0.0, t_m, dc * t_m, own=True)  # 1/n errs by at most dc
+    if mixed:  # the base output x W^T + b stored in dtype, its bias subtracted in dtype (PEFT)
+        base_read = np.sum(G * (Xm @ aW.T + ab), axis=0) / n
+        out["m"] = out["m"] + SAFETY * (gamma(3, dt) + gamma(d_in + 3, acc)) * base_read
     Wm = ac[:, None] * Mv  # (d_out, d_in)
     Wmd = dc[:, None] * Wm
     out["W"] = bound(r + 3, 0.0, Wm.T if p.fan_in_fan_out else Wm, Wmd.T if p.fan_in_fan_out else Wmd)
@@ -158,20 +185,29 @@ def _dora_one(p: Any, dt: str, acc: str) -> dict[str, np.ndarray]:
     return out
 
 
-def dora_bounds(p: Any, *, dtype: Any = None, accumulate: Any = None, reference: Any = "float64") -> dict:
+def _adapter_dtype(dt: str, adapter: Any) -> str:
+    """The dtype the factors are kept in: ``adapter`` when it is wider than the base ``dt``."""
+    return dt if adapter is None else wider(dt, dtype_name(adapter))
+
+
+def dora_bounds(p: Any, *, dtype: Any = None, accumulate: Any = None, adapter: Any = None,
+                reference: Any = "float64") -> dict:
     """Elementwise tolerances for a ``DoraProblem``'s outputs: {"y", "x", "A", "B", "m", "W",
     "y_merged", "W_back"} (the module docstring's table), in ``dtype`` (default p.dtype) with
-    sums in ``accumulate``, plus the float64 reference's own bound."""
+    sums in ``accumulate`` and the factors, m and the row norm in ``adapter`` (default: ``dtype``;
+    a wider one is PEFT's mixed precision, see the module docstring), plus the float64
+    reference's own bound."""
     dt = dtype_name(dtype if dtype is not None else p.dtype)
     acc = dtype_name(accumulate) if accumulate is not None else dt
-    out = _dora_one(p, dt, acc)
+    out = _dora_one(p, dt, acc, _adapter_dtype(dt, adapter))
     if reference is not None:
-        ref = _dora_one(p, dtype_name(reference), dtype_name(reference))
+        ref_dt = dtype_name(reference)
+        ref = _dora_one(p, ref_dt, ref_dt, ref_dt)
         out = {k: out[k] + ref[k] for k in out}
     return out
 
 
-def _embedding_one(p: Any, dt: str, acc: str) -> dict[str, np.ndarray]:
+def _embedding_one(p: Any, dt: str, acc: str, ad: str) -> dict[str, np.ndarray]:
     s = abs(float(p.scale))
     ids = np.asarray(p.ids)
     aW, aA, aB = (np.abs(np.asarray(a, dtype=np.float64)) for a in (p.W, p.A, p.B))
@@ -185,25 +221,30 @@ def _embedding_one(p: Any, dt: str, acc: str) -> dict[str, np.ndarray]:
     P[np.arange(n), flat_ids] = 1.0
     Mw = aW + s * (aB @ aA).T
 
-    def bound(k: int, M: Any) -> np.ndarray:
-        return SAFETY * _gamma_chain(k, dt, acc) * M
+    def bound(k: int, M: Any, own: bool = False) -> np.ndarray:
+        # own: a gradient of a factor kept in the adapter dtype
+        chain = _gamma_chain(k, ad, wider(acc, ad)) if own and ad != dt else _gamma_chain(k, dt, acc)
+        return SAFETY * chain * M
 
     return {
         "y": bound(r + 3, aW[ids] + s * H @ aB.T),
-        "A": bound(dim + n + 3, s * (P.T @ (G @ aB)).T),
-        "B": bound(n + 3, s * G.T @ H.reshape(-1, r)),
+        "A": bound(dim + n + 3, s * (P.T @ (G @ aB)).T, own=True),
+        "B": bound(n + 3, s * G.T @ H.reshape(-1, r), own=True),
         "W": bound(r + 2, Mw),
         "y_merged": bound(r + 2, Mw[ids]),
     }
 
 
-def embedding_bounds(p: Any, *, dtype: Any = None, accumulate: Any = None, reference: Any = "float64") -> dict:
+def embedding_bounds(p: Any, *, dtype: Any = None, accumulate: Any = None, adapter: Any = None,
+                     reference: Any = "float64") -> dict:
     """Elementwise tolerances for an ``EmbeddingProblem``'s outputs: {"y", "A", "B", "W",
-    "y_merged"} (the module docstring), in ``dtype`` (default p.dtype), plus the reference's."""
+    "y_merged"} (the module docstring), in ``dtype`` (default p.dtype) with sums in
+    ``accumulate`` and the factors in ``adapter`` (default ``dtype``), plus the reference's."""
     dt = dtype_name(dtype if dtype is not None else p.dtype)
     acc = dtype_name(accumulate) if accumulate is not None else dt
-    out = _embedding_one(p, dt, acc)
+    out = _embedding_one(p, dt, acc, _adapter_dtype(dt, adapter))
     if reference is not None:
-        ref = _embedding_one(p, dtype_name(reference), dtype_name(reference))
+        ref_dt = dtype_name(reference)
+        ref = _embedding_one(p, ref_dt, ref_dt, ref_dt)
         out = {k: out[k] + ref[k] for k in out}
     return out

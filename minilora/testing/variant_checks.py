@@ -14,9 +14,12 @@
                     "lora_only" (and with use_dora): ``minilora.peft.models.split_trainable``,
                     plus the magnitude m of every DoRA layer (PEFT's lora_magnitude_vector)
 
-Values come from minilora's own variants in float64, bounds from ``variant_bounds``. The DoRA
-and embedding rows run in the adapter's ``variant_dtypes`` (default float64 and float32); the
-trainable row is exact (a set), its dtype column reads "any".
+Values come from minilora's own variants in float64, bounds from ``variant_bounds`` under the
+adapter's declared precision (``accumulate``, and ``adapter``: the dtype its factors, DoRA's
+magnitude and row norm are kept in, PEFT's float32 under a float16/bfloat16 base). The DoRA
+and embedding rows run in the adapter's ``variant_dtypes`` (default float64 and float32; the
+built-in torch and peft adapters add float16 and bfloat16); the trainable row is exact (a set),
+its dtype column reads "any".
 """
 
 from __future__ import annotations
@@ -227,12 +230,13 @@ def variant_work(adapter: Any, rows: dict, max_examples: int, seed: int) -> list
     live = {pair for pair, row in rows.items() if row.na is None and pair[0] in VARIANT_PROPERTIES}
     dtypes = sorted({d for _, d in live if d != ANY_DTYPE})
     for dt in dtypes:
-        acc = declared_precision(adapter, dt)["accumulate"]
+        declared = declared_precision(adapter, dt)
+        kw = dict(accumulate=declared["accumulate"], adapter=declared["adapter"])
         groups: list[tuple[tuple[str, ...], list, Callable, Callable, str]] = [
             (DORA_PROPERTIES, dora_cases(dt, adapter_dora_features(adapter), max_examples, seed), dora_oracle,
-             functools.partial(dora_bounds, accumulate=acc), "dora"),
+             functools.partial(dora_bounds, **kw), "dora"),
             (EMBEDDING_PROPERTIES, embedding_cases(dt, adapter_features(adapter), max_examples, seed),
-             embedding_oracle, functools.partial(embedding_bounds, accumulate=acc), "embedding"),
+             embedding_oracle, functools.partial(embedding_bounds, **kw), "embedding"),
         ]
         for props, cases, oracle, bounds, label in groups:
             wanted = [x for x in props if (x, dt) in live]

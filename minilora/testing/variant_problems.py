@@ -120,9 +120,10 @@ class TrainableProblem:
                 f"bias={self.bias!r}" + (", use_dora" if self.dora else ""))
 
 
-def make_dora_problem(*, seed: int = 0, **kwargs: Any) -> DoraProblem:
+def make_dora_problem(*, seed: int = 0, magnitude_factor: float | None = None, **kwargs: Any) -> DoraProblem:
     """A ``DoraProblem``: ``make_problem``'s layer (same keywords) and m = ||W + s B A||_row
-    times U(0.5, 1.5), rounded to the dtype."""
+    times U(0.5, 1.5) (or times ``magnitude_factor``, every row's c then that factor), rounded
+    to the dtype."""
     import minilora as ml
     from minilora.variants import dora_magnitude
 
@@ -132,7 +133,8 @@ def make_dora_problem(*, seed: int = 0, **kwargs: Any) -> DoraProblem:
         norm = np.asarray(dora_magnitude(p.params, p.lora, scale=p.scale, fan_in_fan_out=p.fan_in_fan_out))
     if not np.all(norm > 0):
         raise MiniLoraValueError(f"make_dora_problem: a row of W + s B A is zero (seed {seed}); pick another seed")
-    m = round_to(norm * rng.uniform(0.5, 1.5, norm.shape), p.dtype)
+    factor = rng.uniform(0.5, 1.5, norm.shape) if magnitude_factor is None else float(magnitude_factor)
+    m = round_to(norm * factor, p.dtype)
     fields = {f: getattr(p, f) for f in p.__dataclass_fields__}
     return DoraProblem(**fields, magnitude=m)
 
@@ -165,6 +167,10 @@ DORA_EDGE_CASES: tuple[dict[str, Any], ...] = (
     dict(label="edge: DoRA, d_in 37, dropout, fan_in_fan_out", lead=(4,), d_in=37, d_out=19, rank=5, alpha=10.0,
          dropout=0.1, fan_in_fan_out=True, seed=306),
     dict(label="edge: DoRA, width 256", lead=(2, 4), d_in=256, d_out=128, rank=8, alpha=16.0, seed=307),
+    # c = 2 on a narrow layer: the bias is a large share of y and (c - 1) b is 100% of it, so a
+    # bias wrongly scaled by c shows above bfloat16's rounding at every seed
+    dict(label="edge: DoRA, c = 2, d_in 2", lead=(8,), d_in=2, d_out=4, rank=1, alpha=1.0, magnitude_factor=2.0,
+         seed=308),
 )
 EMBEDDING_EDGE_CASES: tuple[dict[str, Any], ...] = (
     dict(label="edge: embedding, square table", lead=(7,), num_embeddings=6, dim=6, rank=2, alpha=4.0, seed=401),

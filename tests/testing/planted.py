@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from planted_variants import VARIANT_BUGS, VARIANT_HONEST
+from planted_variants import VARIANT_BUGS, VARIANT_HONEST, VARIANT_ONLY_IN
 
 from minilora.testing.adapters.torch_adapter import TorchAdapter
 
@@ -228,7 +228,7 @@ BUGS: dict[type, set[str]] = {
 }
 # dtypes where a bug is no larger than the rounding: PrecisionLie shows only where the declared
 # float32 differs from the base dtype
-ONLY_IN = {PrecisionLie: {"float16", "bfloat16"}}
+ONLY_IN = {PrecisionLie: {"float16", "bfloat16"}, **VARIANT_ONLY_IN}
 
 
 # ---------------------------------------------------------------- honest, differently written

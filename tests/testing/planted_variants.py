@@ -106,6 +106,18 @@ class TrainableAllAsLoraOnly(TorchAdapter):
         return super().trainable(problem)
 
 
+class DoraPrecisionLie(TorchAdapter):
+    """Declares PEFT's mixed precision (factors, magnitude and row norm in float32 under a
+    float16/bfloat16 base) but computes DoRA in the base dtype: dA and dB carry the base dtype's
+    rounding, hundreds of times the float32 bound they declared."""
+
+    precision = {dt: {"adapter": "float32", "accumulate": "float32"} for dt in ("float16", "bfloat16")}
+
+
+class EmbeddingPrecisionLie(DoraPrecisionLie):
+    """The same declaration for the embedding, computed in the base dtype."""
+
+
 # ---------------------------------------------------------------- honest, differently written
 
 
@@ -139,5 +151,13 @@ VARIANT_BUGS: dict[type, set[str]] = {
     EmbeddingTransposedA: {"embedding_forward", "embedding_grad_A", "embedding_grad_B"},
     TrainableBiasUnderNone: {"trainable"},
     TrainableAllAsLoraOnly: {"trainable"},
+    # not dora_grad_m: the declared model itself charges m a base-dtype rounding (PEFT stores the
+    # base output x W^T + b in the base dtype and m's gradient reads it), which hides this lie there
+    DoraPrecisionLie: {"dora_grad_A", "dora_grad_B"},
+    EmbeddingPrecisionLie: {"embedding_grad_A", "embedding_grad_B"},
 }
+# dtypes where a bug is no larger than the rounding: a precision lie shows only where the declared
+# float32 differs from the base dtype
+VARIANT_ONLY_IN: dict[type, set[str]] = {DoraPrecisionLie: {"float16", "bfloat16"},
+                                         EmbeddingPrecisionLie: {"float16", "bfloat16"}}
 VARIANT_HONEST = (DoraThroughMergedWeight, EmbeddingOneHot)

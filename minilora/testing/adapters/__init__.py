@@ -38,8 +38,8 @@ missing one makes its rows "n/a"):
 and optionally the attributes ``name``, ``dtypes`` (default float64 and float32),
 ``features`` (a subset of ``FEATURES``: the layer options it supports; default all),
 ``dora_features`` (the same for its DoRA layer; default ``features``), ``variant_dtypes`` (the
-dtypes of its DoRA, embedding rows; default its ``dtypes`` that are float64 or float32: the
-variant bounds are derived for storage = computation, see ``minilora.testing.variant_bounds``),
+dtypes of its DoRA, embedding rows; default its ``dtypes`` that are float64 or float32; float16
+and bfloat16 rows are bounded under its ``precision``, see ``minilora.testing.variant_bounds``),
 ``optimizer_features`` (a subset of ``OPTIMIZER_FEATURES``; an Adam case that needs a missing
 one is reported "not covered"), ``inits`` (names from ``INITS``) with a method
 ``init(d_in, d_out, rank, init, seed) -> {"A", "B"}`` (a fresh adapter's factors), ``precision``
@@ -174,14 +174,16 @@ def adapter_dora_features(adapter: Any) -> frozenset:
     return frozenset(getattr(adapter, "dora_features", adapter_features(adapter)))
 
 
-# the dtypes the variant properties run in (see ``variant_bounds``: no mixed-precision model yet)
-VARIANT_DTYPES = ("float64", "float32")
+# the dtypes the variant properties may run in (``variant_bounds``, the mixed-precision model
+# included), and those they run in when an adapter does not list its ``variant_dtypes``
+VARIANT_DTYPES = DTYPE_NAMES
+DEFAULT_VARIANT_DTYPES = ("float64", "float32")
 
 
 def adapter_variant_dtypes(adapter: Any) -> tuple[str, ...]:
     given = getattr(adapter, "variant_dtypes", None)
     if given is None:
-        return tuple(d for d in adapter_dtypes(adapter) if d in VARIANT_DTYPES)
+        return tuple(d for d in adapter_dtypes(adapter) if d in DEFAULT_VARIANT_DTYPES)
     return tuple(given)
 
 
