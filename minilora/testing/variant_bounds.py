@@ -8,7 +8,10 @@ positive terms; computed from the perturbed V,
     |fl(n^2) - n^2| <= gamma_(2 d_in + 4) n^2 + 2 gamma_(r+2) sum_j |V_ij| Mv_ij + gamma_(r+2)^2 sum_j Mv_ij^2
 
 (the length 2 d_in + 4 rather than d_in + 1 covers norms that scale each term before squaring,
-as LAPACK's nrm2 and torch.linalg.norm may, each element then rounding twice). So with the row's
+as LAPACK's nrm2 and torch.linalg.norm may, each element then rounding twice; with sums carried
+in a wider ``accumulate``, gamma_(r+2) is that dtype's plus gamma_4 of the storage dtype (B A, the
+scale, the sum with W, one spare) and gamma_(2 d_in + 4) plus gamma_2 of it (a stored square,
+the stored sum)). So with the row's
 condition number kappa_i = sum_j |V_ij| Mv_ij / n_i^2 (>= 1; large when W and s B A cancel), the
 relative error of n^2 is d2 = gamma_(2 d_in + 4) + 2 kappa gamma_(r+2) + gamma_(r+2)^2 sum Mv^2 / n^2,
 the square root gives dn = 1 - sqrt(1 - d2) (exact, not a first-order guess) plus one rounding,
@@ -86,12 +89,13 @@ from minilora.testing.tolerance import SAFETY, STORED, dtype_name, gamma, unit_r
 __all__ = ["dora_factor_error", "dora_bounds", "embedding_bounds"]
 
 
-def _gamma_chain(k: int, dtype: str, accumulate: str) -> float:
-    """gamma_k in the accumulation dtype, plus the roundings of stored intermediates in
-    ``dtype`` when sums are carried wider (as ``dot_bound``)."""
+def _gamma_chain(k: int, dtype: str, accumulate: str, stores: int = max(STORED.values()) + 2) -> float:
+    """gamma_k in the accumulation dtype, plus the roundings of ``stores`` intermediates stored
+    in ``dtype`` when sums are carried wider (as ``dot_bound``; default 8, the most of any
+    output: ``STORED``'s 6, c and the final cast)."""
     out = gamma(k, accumulate)
     if accumulate != dtype:
-        out += gamma(max(STORED.values()) + 2, dtype)
+        out += gamma(stores, dtype)
     return out
 
 
@@ -110,9 +114,11 @@ def dora_factor_error(W: Any, A: Any, B: Any, *, scale: float, dtype: Any, accum
     V = W + scale * (B @ A)
     Mv = np.abs(W) + abs(scale) * (np.abs(B) @ np.abs(A))
     n2 = np.sum(V * V, axis=1)
-    gv = _gamma_chain(r + 2, dt, acc)
+    # with sums carried wider, V stores B A, its scaling and the sum with W (one spare), the norm
+    # V * V (an elementwise square) and its sum; the square root's rounding is the (1 + u) below
+    gv = _gamma_chain(r + 2, dt, acc, stores=STORED["W"] + 1)
     with np.errstate(divide="ignore", invalid="ignore"):
-        d2 = (_gamma_chain(2 * d_in + 4, dt, acc) + 2 * gv * np.sum(np.abs(V) * Mv, axis=1) / n2
+        d2 = (_gamma_chain(2 * d_in + 4, dt, acc, stores=2) + 2 * gv * np.sum(np.abs(V) * Mv, axis=1) / n2
               + gv * gv * np.sum(Mv * Mv, axis=1) / n2)
     d2 = np.where(n2 > 0, d2, np.inf)
     if not np.all(d2 < 1.0):

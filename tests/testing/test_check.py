@@ -58,8 +58,10 @@ def test_check_passes_for_the_real_frameworks(target: str, tmp_path_factory: pyt
     expected = [(p, d) for p in CORE_PROPERTIES if p != "init" for d in ALL_DTYPES
                 if not (p == "adam" and d == "float16")]
     expected.append(("init", "float32"))
+    # torch and peft run the DoRA and embedding rows in every dtype, loralib in float64 and float32
+    variant_dtypes = ("float64", "float32") if target == "loralib" else ALL_DTYPES
     expected += [(p, "any") if p == "trainable" else (p, d) for p in VARIANT_PROPERTIES
-                 for d in (("any",) if p == "trainable" else ("float64", "float32"))]
+                 for d in (("any",) if p == "trainable" else variant_dtypes)]
     assert [(r[0], r[1]) for r in rows] == expected
     # loralib has no DoRA: those rows are n/a, every other row passes
     na = set(DORA_PROPERTIES) if target == "loralib" else set()
@@ -68,7 +70,10 @@ def test_check_passes_for_the_real_frameworks(target: str, tmp_path_factory: pyt
         if r[0] in na or r[0] == "trainable":  # no numbers: n/a, or a set compared exactly
             continue
         cases, error, bound, threshold = int(r[2]), float(r[3]), float(r[5]), float(r[7].lstrip(">"))
-        assert cases >= (2 if r[0] == "init" else 20) and error <= bound and 0 < threshold < 0.1
+        # bfloat16's DoRA/embedding rows stored in bfloat16 (torch) see errors above 6.5% to 20%
+        # (2 gamma_8(bfloat16) is 6.4%, and c's error adds); every other row below 10%
+        loose = r[1] == "bfloat16" and r[0] in VARIANT_PROPERTIES
+        assert cases >= (2 if r[0] == "init" else 20) and error <= bound and 0 < threshold < (0.25 if loose else 0.1)
     assert lines[-1].startswith(f"all {len(expected) - 2 * len(na)} checks passed")
 
     assert report["passed"] is True and report["target"] == target
@@ -335,9 +340,9 @@ def test_the_plugin_in_a_users_project(tmp_path: Path) -> None:
         "TestConformance::test_conformance[adam-float32]",
         "TestConformance::test_conformance[adam-float64]",
     ], out.stdout
-    # TestGood: 9 properties in float64 and 14 of the variants; TestBad: 2; the suite: 32 and 27
-    # of the variants (float64, float32, the trainable set) for a torch-based adapter
-    assert "4 failed, 80 passed" in out.stdout, out.stdout
+    # TestGood: 9 properties in float64 and 14 of the variants; TestBad: 2; the suite: 32 and 53
+    # of the variants (13 in each of the four dtypes, the trainable set) for a torch-based adapter
+    assert "4 failed, 106 passed" in out.stdout, out.stdout
     assert "FAIL forward (float32)" in out.stdout and "worst element y[" in out.stdout
     assert "FAIL adam (float32)" in out.stdout and "worst element" in out.stdout
 

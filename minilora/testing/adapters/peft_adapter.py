@@ -34,10 +34,12 @@ class PeftAdapter(PeftVariants, TorchBase):
     name = "peft"
     inits = ("kaiming", "gaussian")
     precision = {dt: {"accumulate": "float32", "adapter": "float32"} for dt in ("float16", "bfloat16")}
-    # DoRA and embedding rows in every dtype: under a float16/bfloat16 base PEFT keeps lora_A/B
-    # and the magnitude in float32 and computes W + s B A and its row norm there (the declared
-    # adapter dtype; minilora.testing.variant_bounds has the mixed-precision model)
-    variant_dtypes = TorchBase.dtypes
+    @property
+    def variant_dtypes(self) -> tuple[str, ...]:
+        """DoRA and embedding rows in every dtype: under a float16/bfloat16 base PEFT keeps
+        lora_A/B and the magnitude in float32 and computes W + s B A and its row norm there (the
+        declared adapter dtype; minilora.testing.variant_bounds has the mixed-precision model)."""
+        return tuple(self.dtypes)
     INIT = {"kaiming": True, "gaussian": "gaussian"}
 
     def __init__(self) -> None:

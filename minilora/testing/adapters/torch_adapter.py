@@ -113,9 +113,12 @@ class TorchAdapter(TorchVariants, TorchBase):
 
     name = "torch"
     inits = ("kaiming", "gaussian")
-    # the DoRA and embedding rows in every dtype, float16/bfloat16 bounded under ``precision``
-    # (float32 sums, every intermediate stored in the dtype: minilora.testing.variant_bounds)
-    variant_dtypes = TorchBase.dtypes
+    @property
+    def variant_dtypes(self) -> tuple[str, ...]:
+        """The DoRA and embedding rows in every dtype the adapter runs (a subclass that narrows
+        ``dtypes`` narrows these too), float16/bfloat16 bounded under ``precision`` (float32
+        sums, every intermediate stored in the dtype: minilora.testing.variant_bounds)."""
+        return tuple(self.dtypes)
 
     def _tensors(self, p: Any, grad: bool = False) -> dict:
         d = p.dtype
