@@ -104,3 +104,19 @@ def test_the_frameworks_pass_the_half_precision_variant_rows(target: str) -> Non
                 assert threshold < 1e-4, (prop, dt, threshold)
             else:  # stored in the base dtype
                 assert threshold > 1e-3, (prop, dt, threshold)
+
+
+@pytest.mark.compare
+def test_peft_with_a_slightly_wrong_dora_gradient_fails_in_half_precision() -> None:
+    """The issue's complaint for LoRA (PEFT with dA scaled by 1.02 passed under its base's bounds),
+    for DoRA: with the float32 declaration, dA 0.1% too large fails in float16 and bfloat16."""
+    require("peft")
+    from minilora.testing.adapters.peft_adapter import PeftAdapter
+
+    class PeftDoraGradAOff(PeftAdapter):
+        def dora_grads(self, problem: Any) -> dict:
+            out = super().dora_grads(problem)
+            return {**out, "A": out["A"] * 1.001}
+
+    report = check(PeftDoraGradAOff, dtypes=list(HALF), properties=["dora_grad_A"], max_examples=2, seed=0)
+    assert [r.verdict for r in report.results] == ["FAIL", "FAIL"]
