@@ -161,10 +161,14 @@ def _threshold(expected: Any, bound: Any) -> float:
     return detection_threshold(expected, bound)
 
 
-def _run_arrays(adapter: Any, p: Any, wanted: list[str], rows: dict, oracle: Callable, bounds: Callable) -> None:
+def _run_arrays(adapter: Any, p: Any, wanted: list[str], rows: dict, oracle: Callable, bounds: Callable,
+                narrow: Callable | None = None, wide: str = "") -> None:
     """One DoRA or embedding case: each wanted property's method called once per case, its
-    answer compared with the oracle's under the bound; a raise or a missing entry fails the case."""
+    answer compared with the oracle's under the bound; a raise or a missing entry fails the case.
+    ``narrow``: the bounds of the storage dtype throughout, where the adapter declares something
+    wider (``wide``, in words): a failure within them earns the precision hint."""
     case = p.describe()
+    looser: list[dict] = []
     expected = oracle(p)
     try:
         bound = bounds(p)
@@ -190,8 +194,28 @@ def _run_arrays(adapter: Any, p: Any, wanted: list[str], rows: dict, oracle: Cal
                 rows[prop].fail(case, f"{method}() returned no {key!r} entry")
                 continue
             got = got[key]
-        c = compare(got, expected[out_key], bound[out_key], name=f"d{out_key}" if "grad" in prop else out_key)
+        name = f"d{out_key}" if "grad" in prop else out_key
+        c = compare(got, expected[out_key], bound[out_key], name=name)
         rows[prop].add(c, case, _threshold(expected[out_key], bound[out_key]))
+        if not c.passed and narrow is not None:
+            rows[prop].precision_evidence(_hint(p, narrow, looser, got, expected[out_key], out_key, name, wide))
+
+
+def _hint(p: Any, narrow: Callable, looser: list, got: Any, value: Any, key: str, name: str,
+          wide: str) -> str | bool | None:
+    """As conformance's precision hint: the hint text when the failed answer fits the storage
+    dtype's own bounds, False when it does not, None when that dtype has no bound here."""
+    if not looser:
+        try:
+            looser.append(narrow(p))
+        except MiniLoraValueError:
+            looser.append({})
+    if not looser[0]:
+        return None
+    if not compare(got, value, looser[0][key], name=name).passed:
+        return False
+    return (f"the error fits {p.dtype} arithmetic throughout: if the implementation stores or sums in "
+            f"{p.dtype} where it declares {wide}, the declaration is what is wrong")
 
 
 # property -> the oracle's / bounds' output key
@@ -232,20 +256,24 @@ def variant_work(adapter: Any, rows: dict, max_examples: int, seed: int) -> list
     for dt in dtypes:
         declared = declared_precision(adapter, dt)
         kw = dict(accumulate=declared["accumulate"], adapter=declared["adapter"])
+        wide = ", ".join(f"{k}={declared[k]}" for k in ("adapter", "accumulate") if declared[k] != dt)
+        narrow = dict(accumulate=dt, adapter=dt) if wide else None
         groups: list[tuple[tuple[str, ...], list, Callable, Callable, str]] = [
             (DORA_PROPERTIES, dora_cases(dt, adapter_dora_features(adapter), max_examples, seed), dora_oracle,
-             functools.partial(dora_bounds, **kw), "dora"),
+             dora_bounds, "dora"),
             (EMBEDDING_PROPERTIES, embedding_cases(dt, adapter_features(adapter), max_examples, seed),
-             embedding_oracle, functools.partial(embedding_bounds, **kw), "embedding"),
+             embedding_oracle, embedding_bounds, "embedding"),
         ]
-        for props, cases, oracle, bounds, label in groups:
+        for props, cases, oracle, bound_fn, label in groups:
+            bounds = functools.partial(bound_fn, **kw)
+            narrow_bounds = None if narrow is None else functools.partial(bound_fn, **narrow)
             wanted = [x for x in props if (x, dt) in live]
             if not wanted:
                 continue
             view = {x: rows[(x, dt)] for x in wanted}
             for prob in cases:
                 work.append((f"{label} {dt}", functools.partial(_run_arrays, adapter, prob, wanted, view, oracle,
-                                                                bounds)))
+                                                                bounds, narrow_bounds, wide)))
     if ("trainable", ANY_DTYPE) in live:
         row = rows[("trainable", ANY_DTYPE)]
         for tp in trainable_cases(dora=has_method(adapter, "dora_forward")):

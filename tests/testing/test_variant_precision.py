@@ -120,3 +120,20 @@ def test_peft_with_a_slightly_wrong_dora_gradient_fails_in_half_precision() -> N
 
     report = check(PeftDoraGradAOff, dtypes=list(HALF), properties=["dora_grad_A"], max_examples=2, seed=0)
     assert [r.verdict for r in report.results] == ["FAIL", "FAIL"]
+
+
+@pytest.mark.compare
+def test_a_precision_lie_in_the_variant_rows_earns_the_hint() -> None:
+    """A failure within the storage dtype's own bounds gets the precision hint (as the LoRA rows
+    do); a wrong formula, whose error no precision explains, does not."""
+    require("torch")
+    import planted_variants as pv
+
+    report = check(pv.DoraPrecisionLie, dtypes=["float16"], properties=["dora_grad_A"], max_examples=2, seed=1)
+    row = report.result("dora_grad_A", "float16")
+    assert row.verdict == "FAIL" and row.hint is not None and "declares adapter=float32" in row.hint
+    report = check(pv.EmbeddingPrecisionLie, dtypes=["bfloat16"], properties=["embedding_grad_B"], max_examples=2)
+    assert report.result("embedding_grad_B", "bfloat16").hint is not None
+    row = check(pv.DoraBiasScaled, dtypes=["float16"], properties=["dora_forward"], max_examples=2).result(
+        "dora_forward", "float16")
+    assert row.verdict == "FAIL" and row.hint is None
