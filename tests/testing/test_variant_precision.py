@@ -137,3 +137,21 @@ def test_a_precision_lie_in_the_variant_rows_earns_the_hint() -> None:
     row = check(pv.DoraBiasScaled, dtypes=["float16"], properties=["dora_forward"], max_examples=2).result(
         "dora_forward", "float16")
     assert row.verdict == "FAIL" and row.hint is None
+
+
+@pytest.mark.compare
+@pytest.mark.parametrize("dtype", HALF)
+def test_peft_keeps_the_dora_factors_and_magnitude_in_float32(dtype: str) -> None:
+    """The premise of PeftAdapter's declaration (adapter float32): under a float16/bfloat16 base,
+    lora_A, lora_B and lora_magnitude_vector are float32, and the layer's output is in the base dtype."""
+    require("peft")
+    import torch
+
+    from minilora.testing.adapters.peft_adapter import PeftAdapter
+
+    adapter = PeftAdapter()
+    p = dora_cases(dtype, ALL, 0, 0)[0]
+    model, layer, params = adapter._dora_model(p)
+    assert {k: v.dtype for k, v in params.items()} == {"A": torch.float32, "B": torch.float32, "m": torch.float32}
+    assert layer.base_layer.weight.dtype == getattr(torch, dtype)
+    assert model(adapter.tensor(p.x, dtype)).dtype == getattr(torch, dtype)
