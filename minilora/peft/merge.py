@@ -126,20 +126,25 @@ def check_outputs(out: str, ckpt: Checkpoint, adapter_dir: str) -> list[str]:
 
 def merge_adapter_file(base: str | os.PathLike, adapter_dir: str | os.PathLike, out: str | os.PathLike, *,
                        unmerge: bool = False, scale: float = 1.0, dtype: str | None = None,
-                       _on_tensor: Any = None) -> list[dict]:
+                       allow_inexact: bool = False, _on_tensor: Any = None) -> list[dict]:
     """Write ``out`` (a .safetensors file or a model folder): the checkpoint ``base`` with the
     PEFT adapter in ``adapter_dir`` merged in (or taken out, ``unmerge=True``); ``scale``
     multiplies every module's alpha/r. Returns one summary dict per merged module: {"module",
-    "tensor", "kind", "rank", "alpha", "scale", "dtype", "dora", "fan_in_fan_out", ...}."""
+    "tensor", "kind", "rank", "alpha", "scale", "dtype", "dora", "fan_in_fan_out", "bit_equal",
+    "not_bit_equal_why", ...}. A module whose bit-equality with PEFT cannot be guaranteed (torch's
+    summation order of its product not reproduced, ``minilora.peft.product``) is refused with
+    MergeError unless ``allow_inexact``."""
     return merge_checkpoint(base, adapter_dir, out, unmerge=unmerge, scale=scale, dtype=dtype,
+                            allow_inexact=allow_inexact,
                             progress=_on_tensor and (lambda name, done, total: _on_tensor(name)))["modules"]
 
 
 def merge_checkpoint(base: str | os.PathLike, adapter_dir: str | os.PathLike, out: str | os.PathLike, *,
                      unmerge: bool = False, scale: float = 1.0, dtype: str | None = None,
-                     progress: Any = None) -> dict:
+                     allow_inexact: bool = False, progress: Any = None) -> dict:
     """``merge_adapter_file`` returning the whole summary: {"out", "files", "modules",
-    "replaced": [{"tensor", "from"}], "tensors", "bytes"}. ``progress(name, bytes done, bytes total)``
+    "replaced": [{"tensor", "from"}], "not_bit_equal": [{"tensor", "module", "why"}] (the tensors
+    not guaranteed to equal PEFT's bits), "tensors", "bytes"}. ``progress(name, bytes done, bytes total)``
     is called after each tensor is read."""
     base, out, adapter_dir = os.fspath(base), os.fspath(out), os.fspath(adapter_dir)
     if not math.isfinite(scale):
@@ -154,7 +159,7 @@ def merge_checkpoint(base: str | os.PathLike, adapter_dir: str | os.PathLike, ou
         raise MergeError(f"OUT must differ from BASE ({base}): the merge streams from BASE while writing OUT")
     ckpt = open_checkpoint(base)
     paths = check_outputs(out, ckpt, adapter_dir)
-    plan = make_plan(adapter, sources, ckpt.entries, base, ckpt.config, unmerge=unmerge)
+    plan = make_plan(adapter, sources, ckpt.entries, base, ckpt.config, unmerge=unmerge, allow_inexact=allow_inexact)
     created = _is_folder(out) and not os.path.isdir(out)
     if _is_folder(out):
         os.makedirs(out, exist_ok=True)
@@ -183,8 +188,10 @@ def merge_checkpoint(base: str | os.PathLike, adapter_dir: str | os.PathLike, ou
         raise
     rows = [{**r, "scale": r["scale"] * scale} for r in plan.rows]
     replaced = [{"tensor": b, "from": j.why} for b, j in plan.jobs.items() if j.replace is not None]
+    inexact = [{"tensor": r["tensor"], "module": r["module"], "why": r["not_bit_equal_why"]} for r in rows
+               if not r["bit_equal"]]
     return {"out": out, "files": paths, "unmerge": unmerge, "dtype": dtype, "modules": rows, "replaced": replaced,
-            "tensors": len(ckpt.entries), "bytes": total}
+            "not_bit_equal": inexact, "tensors": len(ckpt.entries), "bytes": total}
 
 
 def _write_file(dst: Any, shards: list, plan: Any, adapter: Any, scale: float, unmerge: bool, target: str | None,
@@ -267,14 +274,19 @@ def _apply(adapter: Any, job: Job, name: str, raw: np.ndarray, kind: str, scale:
             embedding = adapter.kinds.get(module) == "embedding"
             if not (embedding or unmerge or "m" in t):  # the common case: (B A) s + W, one rounding
                 return _linear(module, name, value, t["B"], t["A"], cd.type(s), job.fan_in_fan_out, kind)
-            else:
+            elif "m" not in t:
                 # PEFT rounds the delta to the base dtype before adding it for embeddings and for
-                # unmerge (``delta.to(orig_dtype)``), not for a Linear merge (``weight.data += delta``)
-                rounds = kind in ("F16", "BF16") and (embedding or unmerge) and "m" not in t
+                # unmerge (``delta.to(orig_dtype)``), not for a Linear merge (``weight.data += delta``);
+                # the product B A in torch's order (float32), transposed for fan_in_fan_out
+                B, A = t["B"].astype(cd), t["A"].astype(cd)
+                P = torch_order_matmul(B, A) if cd == np.float32 else np.matmul(B, A)
+                delta = np.multiply(P.T if job.fan_in_fan_out else P, cd.type(s), order="C")
+                if kind in ("F16", "BF16"):
+                    delta = _to_compute(_from_compute(delta, kind), kind)
+                new = value - delta if unmerge else value + delta
+            else:
                 new = merge_weight(value, t["A"].astype(cd), t["B"].astype(cd), scale=cd.type(s),
-                                   fan_in_fan_out=job.fan_in_fan_out, unmerge=unmerge,
-                                   magnitude=t["m"].astype(cd) if "m" in t else None,
-                                   round_delta=(lambda d: _to_compute(_from_compute(d, kind), kind)) if rounds else None)
+                                   fan_in_fan_out=job.fan_in_fan_out, magnitude=t["m"].astype(cd))
     return _checked(module, name, new, _from_compute(new, kind), kind)
 
 

@@ -16,6 +16,12 @@ Key prefixes: a module's tensor is looked up as named, without its first compone
 (``transformer.h.0`` -> ``h.0``, the hub's GPT-2 layout) and under each first component of the
 base's own names (``model.`` + name); two hits are refused by name.
 
+Bit-equality with PEFT (``minilora.peft.product``): a LoRA or embedding module into a float32,
+float16 or bfloat16 tensor gets PEFT's bits where torch's summation order of its product B A is
+reproduced (``product.order_problem``); elsewhere it is refused, naming the module, its rank and
+why, unless ``allow_inexact`` (then the row says ``"bit_equal": false`` and why). DoRA (the norm
+is summed in another order: equal to rounding) and float64 (NumPy's product) rows say so too.
+
 Saved tensors other than LoRA factors replace the base tensor before the merge, as
 ``PeftModel.from_pretrained`` loads them over the base's: ``<m>.base_layer.weight``
 (``save_embedding_layers``), the modules of ``modules_to_save`` (saved whole), and the biases of
@@ -41,8 +47,9 @@ from minilora.peft.files import (
     _split_key,
     check_config,
 )
+from minilora.peft.product import order_problem
 
-__all__ = ["CONV1D", "MergeError", "Plan", "load_for_merge", "make_plan"]
+__all__ = ["CONV1D", "MergeError", "Plan", "inexact_reason", "load_for_merge", "make_plan"]
 
 FLOAT = ("F64", "F32", "F16", "BF16")
 _CONV1D_NAMES = frozenset({"c_attn", "q_attn", "c_proj", "c_fc"})
@@ -174,10 +181,30 @@ def _orientation(module: str, wname: str, shape: tuple, A: np.ndarray, B: np.nda
     return flag, "adapter config"
 
 
+def inexact_reason(module: str, t: dict, kind: str, *, allow_inexact: bool = False) -> str | None:
+    """None when the merge of ``module`` (factors ``t``) into a ``kind`` tensor has PEFT's bits;
+    else why not. Raises MergeError where bit-equality would be expected but the product order is
+    not reproduced, unless ``allow_inexact``."""
+    if "m" in t:
+        return "DoRA: the weight norm is summed in another order than torch's (equal to rounding)"
+    if kind == "F64":
+        return "float64: NumPy's product, not torch's summation order (equal to rounding)"
+    A, B = t["A"], t["B"]
+    r = int(A.shape[0])
+    problem = order_problem(int(B.shape[0]), r, int(A.shape[1]))
+    if problem is None:
+        return None
+    if not allow_inexact:
+        raise MergeError(f"module {module!r} (r={r}): {problem}, so its merge could differ from PEFT's in the last "
+                         "bits; pass --allow-inexact (allow_inexact=True) to merge it anyway")
+    return problem
+
+
 def make_plan(adapter: PeftAdapter, sources: dict[str, str], entries: dict, where: str, config: dict | None, *,
-              unmerge: bool = False, collect: bool = False) -> Plan:
+              unmerge: bool = False, collect: bool = False, allow_inexact: bool = False) -> Plan:
     """Check every adapter module and saved tensor against the base's ``entries`` and decide what
-    happens to each base tensor. ``collect``: record refusals in ``plan.refused`` instead of raising."""
+    happens to each base tensor. ``collect``: record refusals in ``plan.refused`` instead of raising.
+    ``allow_inexact``: merge modules whose bit-equality with PEFT is not guaranteed (module doc)."""
     plan = Plan()
     prefixes = _prefixes(entries)
     conv1d = _layer_types(config)
@@ -238,6 +265,7 @@ def make_plan(adapter: PeftAdapter, sources: dict[str, str], entries: dict, wher
             if "m" in t and unmerge:
                 raise MergeError(f"module {module!r}: a DoRA merge cannot be undone from the merged weight alone "
                                  "(PEFT keeps the weight norm in memory); --unmerge is not supported for DoRA")
+            inexact = inexact_reason(module, t, kind, allow_inexact=allow_inexact)
             jobs = {wname: Job(module, "weight", fifo, replaced.get(wname), why)}
             if "lora_bias" in t:
                 bname = wname[: -len("weight")] + "bias"
@@ -249,7 +277,8 @@ def make_plan(adapter: PeftAdapter, sources: dict[str, str], entries: dict, wher
                               "rank": adapter.rank(module), "alpha": adapter.alpha(module),
                               "scale": adapter.scale(module), "dtype": kind, "dora": "m" in t,
                               "fan_in_fan_out": fifo, "orientation_from": why,
-                              "base_replaced": wname in replaced})
+                              "base_replaced": wname in replaced, "bit_equal": inexact is None,
+                              "not_bit_equal_why": inexact})
         except MiniLoraValueError as exc:
             refuse(module, exc)
     return plan
