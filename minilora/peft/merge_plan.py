@@ -117,8 +117,11 @@ def load_for_merge(folder: str | os.PathLike) -> tuple[PeftAdapter, dict[str, st
             if kind is not None and kinds.setdefault(module, kind) != kind:
                 raise PeftFileError(f"{wpath}: module {module!r} has both linear and embedding LoRA tensors")
             continue
-        owner = module.rsplit(".", 1)[0]
-        if any(owner == s or owner.endswith("." + s) for s in saved):
+        # a module of modules_to_save is saved whole, submodules included (RoBERTa's classifier
+        # holds dense and out_proj): any module above the tensor may be the one named
+        parts = module.split(".")[:-1]
+        owners = [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
+        if any(o == s or o.endswith("." + s) for o in owners for s in saved):
             source = "modules_to_save"
         elif ".base_layer." in module and module.endswith(".weight"):
             source = "saved base layer"

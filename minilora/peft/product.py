@@ -2,35 +2,38 @@
 (MKL 2024.2) sums it, so that a merge can reproduce PEFT's bits; and which shapes that holds for.
 
 What torch computes for ``C = B @ A`` (B (m, K), A (K, n), float32, row-major), measured on this
-project's machine by comparing its bits with NumPy emulations at every K from 1 to 512 (and
-576-1024 in steps), m and n from 1 to 40 and at model sizes (768 to 14336), with 1, 2, 4, 8 and
-16 torch threads (the same bits at every thread count); ``tests/peft/test_product.py``
-(``compare`` marker) checks the regime boundaries against torch again:
+project's machine by comparing its bits with NumPy emulations: at every K from 1 to 512 (and
+576-1024 in steps), m and n from 1 to 40 and at model sizes (768 to 14336), with 2 torch threads,
+and again at 1, 4, 8, 16, 32 and 64 threads; ``tests/peft/test_product.py`` (``compare`` marker)
+checks the regime boundaries against torch again, at one thread and at torch's default:
 
     K == 1                  the plain product B[i, 0] * A[0, j] (the sign of a zero product kept)
-    "fma": n >= 12 and      fused multiply-add chains over k in order, each from +0:
-    (m in (4, 8) or         c = fma(B[i, k], A[k, j], c) (one rounding per step), one chain per
-    m >= 12)                block of ``k_blocks(K)``, the chains' sums added left to right in float32:
-                              K <= 192            one chain of K
+    "fma": m in (4, 8) or   fused multiply-add chains over k in order, each from +0:
+    m >= 12, and n in       c = fma(B[i, k], A[k, j], c) (one rounding per step), one chain per
+    12-16 or a multiple     block of ``k_blocks(K)``, the chains' sums added left to right in float32:
+    of 16                     K <= 192            one chain of K
                               192 < K <= 384      two chains of K // 2 (and, for odd K, a last
                                                   chain of the single last term)
                               384 < K <= 1024     chains of 192 and one of the rest
                             (K > 1024 was not measured: not reproduced)
     "plain": m == 1, or     a chain of separately rounded products and sums over k in order, from
     m in (2, 3) with n in   +0: c = c + B[i, k] * A[k, j], at every K
-    (2, 3, 4, 5) or n % 4
-    == 0, or n in (2, 3,
-    4, 8)
-    otherwise               not reproduced (``order_problem`` says so): m in 5-7 and 9-11 with
-                            n >= 12 (MKL's small-m kernels: the order changes from K = 17 for n <= 16
-                            and from K = 5 above), n in 1, 5-7, 9-11 (from K = 5 to 8), and m in 2, 3
-                            with another n (from K = 8 to 16; e.g. a 2-label classifier head over an
-                            odd hidden size)
+    (2, 3, 5) or n % 4
+    == 0, or m >= 4 with
+    n in (2, 3, 4, 8)
+    otherwise               not reproduced (``order_problem`` says so): m in 5-7 and 9-11 (MKL's
+                            small-m kernels: the order changes from K = 5, and with the thread
+                            count), n in 1, 5-7, 9-11 (from K = 5 to 8), m in 2, 3 with another n
+                            (from K = 8 to 16; e.g. a 2-label head over an odd hidden size), and
+                            n > 16 not a multiple of 16 (with 4 or more threads MKL splits the
+                            columns into blocks of 16 and sums a narrow last block otherwise: at
+                            n = 17, 20, 24, 40; n = 1002 matched up to 16 threads, but an odd
+                            vocabulary such as GPT-2's 50257 under an embedding adapter is refused)
 
-Model layers (both sides >= 12, or a classifier head of 1-4 or 8 outputs over a hidden size that
-is a multiple of 4) are inside these. Before this was measured the module assumed chains of 128
-for every K > 128, which gives other bits for every rank from 129 to 192 and for odd ranks (and
-most even ones) from 193 to 383.
+Model layers (sides that are multiples of 16, or a classifier head of 1-4 or 8 outputs over a
+hidden size that is a multiple of 4) are inside these, at every thread count measured. Before this
+was measured the module assumed chains of 128 for every K > 128, which gives other bits for every
+rank from 129 to 192 and for odd ranks (and most even ones) from 193 to 383.
 
 NumPy's BLAS (OpenBLAS) sums in a different order, so ``B @ A`` in NumPy differs from torch's in
 the last bit of about 0.1 to 3% of the entries (more with larger K); after the float32 -> bfloat16
@@ -76,7 +79,7 @@ def regime(m: int, K: int, n: int) -> str | None:
         return "product"
     if K > K_MEASURED:
         return None
-    if n >= 12 and (m in (4, 8) or m >= 12):
+    if (12 <= n <= 16 or n % 16 == 0) and (m in (4, 8) or m >= 12):
         return "fma"
     if m == 1 or (m in (2, 3) and (n in (2, 3, 5) or n % 4 == 0)) or (m >= 4 and n in (2, 3, 4, 8)):
         return "plain"
@@ -90,8 +93,8 @@ def order_problem(m: int, K: int, n: int) -> str | None:
         return None
     if K > K_MEASURED:
         return f"torch's float32 summation order for an inner dimension (rank) over {K_MEASURED} was not measured"
-    return (f"torch's float32 summation order for a ({m}, {K}) x ({K}, {n}) product (MKL's kernels for "
-            f"{'few rows' if n >= 12 else 'few columns'}) is not reproduced by minilora")
+    return (f"torch's float32 summation order for a ({m}, {K}) x ({K}, {n}) product B A is not reproduced by "
+            "minilora (MKL's kernels for this shape sum otherwise, some depending on the thread count)")
 
 
 def _fma_step(p: np.ndarray, c: np.ndarray, s: np.ndarray, c32: np.ndarray) -> None:
