@@ -31,6 +31,7 @@ Saved tensors other than LoRA factors replace the base tensor before the merge, 
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -154,6 +155,13 @@ def resolve(name: str, entries: dict, prefixes: list[str], where: str) -> str | 
     return hits[0] if hits else None
 
 
+def _shard_hint(where: str) -> str:
+    if re.search(r"-\d+-of-\d+\.safetensors$", where):
+        return (" (BASE is one shard of a sharded checkpoint: pass its folder or its model.safetensors.index.json "
+                "to merge the whole model)")
+    return ""
+
+
 def _layer_types(config: dict | None) -> frozenset[str] | None:
     """The Conv1D leaf names of the base's model type, or None when the type is not known."""
     if not config or not isinstance(config.get("model_type"), str) or config.get("auto_map"):
@@ -229,7 +237,8 @@ def make_plan(adapter: PeftAdapter, sources: dict[str, str], entries: dict, wher
             tie_check(name.rsplit(".", 1)[0])
             base = resolve(name, entries, prefixes, where)
             if base is None:
-                raise MergeError(f"adapter tensor {name!r} ({sources[name]}) matches no tensor in {where}")
+                raise MergeError(f"adapter tensor {name!r} ({sources[name]}) matches no tensor in {where}"
+                                 + _shard_hint(where))
             if tuple(entries[base][1]) != value.shape:
                 raise ShapeError(f"adapter tensor {name!r} ({sources[name]}) has shape {value.shape} but {where} has "
                                  f"{base!r} of shape {tuple(entries[base][1])}")
@@ -252,7 +261,7 @@ def make_plan(adapter: PeftAdapter, sources: dict[str, str], entries: dict, wher
                 near = [n for n in entries if n.endswith(module.rsplit(".", 1)[-1] + ".weight")][:3]
                 hint = " (tied to the input embeddings, so not saved?)" if module.rsplit(".", 1)[-1] == "lm_head" else ""
                 raise MergeError(f"adapter module {module!r} matches no tensor in {where}: {module + '.weight'!r} is "
-                                 f"missing{hint}" + (f" (similar: {near})" if near else ""))
+                                 f"missing{hint}" + (f" (similar: {near})" if near else "") + _shard_hint(where))
             kind, shape = entries[wname][0], entries[wname][1]
             if kind not in FLOAT:
                 raise MergeError(f"module {module!r}: base tensor {wname!r} has dtype {kind}, which minilora merge "
