@@ -21,6 +21,10 @@ even on the float32 bits, ``minilora.formats.rounding``). Exception, as in PEFT:
 embedding, and for every unmerge, PEFT first rounds the delta to the base dtype and then adds
 in that dtype, so float16/bfloat16 results are rounded twice there; minilora does the same.
 ``dtype`` casts every float tensor of the output afterwards (PEFT's merged model ``.to(dtype)``).
+Every float32 product B A (Linear, embedding, unmerge) is summed in torch's order
+(``minilora.peft.product``); a module whose product shape torch sums in an order minilora does not
+reproduce is refused before anything is read, unless ``allow_inexact`` (the summary then lists it
+under ``not_bit_equal``).
 
 Inputs and outputs (``minilora.formats.checkpoint``): BASE is a file, an index or a model folder;
 OUT is a file (every tensor in one) or a folder that becomes a loadable model (the same shards

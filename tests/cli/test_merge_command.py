@@ -284,3 +284,13 @@ def test_one_shard_as_base_says_to_pass_the_folder_or_index(tmp_path: Path) -> N
     _one_line(proc, "adapter module 'fc' matches no tensor", "BASE is one shard of a sharded checkpoint",
               "pass its folder or its model.safetensors.index.json")
     assert not (tmp_path / "o.safetensors").exists()
+
+
+@pytest.mark.parametrize("out", ["exists", "exists/", "fresh"])
+def test_out_folder_existing_or_not_is_written_without_traceback(tmp_path: Path, out: str) -> None:
+    base, ad = _setup(tmp_path)
+    (tmp_path / "exists").mkdir()
+    proc = _cli(tmp_path, "merge", str(base), str(ad), out)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    merged = st.load(tmp_path / out.rstrip("/") / "model.safetensors")
+    assert merged.keys() == BASE.keys() and not np.array_equal(merged["fc.weight"], BASE["fc.weight"])
