@@ -9,6 +9,7 @@ same logits."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from minilora.peft.merge import merge_checkpoint
 pytestmark = pytest.mark.compare
 
 VOCAB = 48
+THREADS = max(2, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 
 
 def _tf() -> Any:
@@ -107,7 +109,12 @@ def _check(tmp: Path, base: Path, ad: Path, cls: str, dtype: str, kind: str = "c
     torch, peft, tf = _tf()
     summary = merge_checkpoint(src or base, ad, tmp / "out", **kw)
     model = getattr(tf, cls).from_pretrained(base, dtype=getattr(torch, dtype))
-    expected = peft.PeftModel.from_pretrained(model, str(ad)).merge_and_unload()
+    before = torch.get_num_threads()
+    torch.set_num_threads(THREADS)  # PEFT's merge as a user runs it: torch's default thread count
+    try:
+        expected = peft.PeftModel.from_pretrained(model, str(ad)).merge_and_unload()
+    finally:
+        torch.set_num_threads(before)
     want = expected.state_dict()
     got = {}
     for f in sorted((tmp / "out").glob("*.safetensors")):
