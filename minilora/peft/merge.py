@@ -57,7 +57,7 @@ from minilora.peft.merge_plan import FLOAT, Job, MergeError, load_for_merge, mak
 from minilora.peft.product import torch_order_matmul
 from minilora.peft.rounded_merge import rounded_linear_merge
 
-__all__ = ["merge_adapter_file", "merge_checkpoint", "check_outputs", "MergeError", "DTYPE_NAMES"]
+__all__ = ["merge_adapter_file", "merge_checkpoint", "check_outputs", "delta_weight", "MergeError", "DTYPE_NAMES"]
 
 DTYPE_NAMES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64"}
 _TORCH_NAME = {v: k for k, v in DTYPE_NAMES.items()}
@@ -282,16 +282,27 @@ def _apply(adapter: Any, job: Job, name: str, raw: np.ndarray, kind: str, scale:
                 # PEFT rounds the delta to the base dtype before adding it for embeddings and for
                 # unmerge (``delta.to(orig_dtype)``), not for a Linear merge (``weight.data += delta``);
                 # the product B A in torch's order (float32), transposed for fan_in_fan_out
-                B, A = t["B"].astype(cd), t["A"].astype(cd)
-                P = torch_order_matmul(B, A) if cd == np.float32 else np.matmul(B, A)
-                delta = np.multiply(P.T if job.fan_in_fan_out else P, cd.type(s), order="C")
-                if kind in ("F16", "BF16"):
-                    delta = _to_compute(_from_compute(delta, kind), kind)
+                delta = delta_weight(t["B"].astype(cd), t["A"].astype(cd), cd.type(s), job.fan_in_fan_out, kind)
                 new = value - delta if unmerge else value + delta
             else:
                 new = merge_weight(value, t["A"].astype(cd), t["B"].astype(cd), scale=cd.type(s),
                                    fan_in_fan_out=job.fan_in_fan_out, magnitude=t["m"].astype(cd))
     return _checked(module, name, new, _from_compute(new, kind), kind)
+
+
+def delta_weight(B: np.ndarray, A: np.ndarray, s: Any, fan_in_fan_out: bool, kind: str) -> np.ndarray:
+    """PEFT's ``get_delta_weight`` ``transpose(B @ A, fan_in_fan_out) * s`` in the compute dtype,
+    rounded to ``kind`` and back for float16/bfloat16 (``delta.to(orig_dtype)``), with torch's bits.
+    float32: the product in torch's order; float16/bfloat16: the half-precision Linear merge of the
+    delta into -0 (adding -0 changes no value, not even a zero's sign), which recomputes in torch's
+    order only the elements near a rounding boundary. B (d_out, r), A (r, d_in) -> (d_out, d_in)
+    ((d_in, d_out) for fan_in_fan_out)."""
+    if kind in ("F16", "BF16"):
+        shape = (A.shape[1], B.shape[0]) if fan_in_fan_out else (B.shape[0], A.shape[1])
+        out, _ = rounded_linear_merge(np.full(shape, -0.0, np.float32), B, A, s, fan_in_fan_out, kind)
+        return _to_compute(out, kind)
+    P = torch_order_matmul(B, A) if B.dtype == np.float32 else np.matmul(B, A)
+    return np.multiply(P.T if fan_in_fan_out else P, s, order="C")
 
 
 def _linear(module: str, name: str, value: np.ndarray, B: np.ndarray, A: np.ndarray, s: Any, fifo: bool,

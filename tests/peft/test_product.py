@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from helpers import peft_modules
 
-from minilora.peft.merge import _linear
+from minilora.peft.merge import _linear, delta_weight
 from minilora.peft.product import (
     K_MEASURED,
     fma_chain,
@@ -213,3 +213,25 @@ def test_high_rank_linear_merge_equals_peft_arithmetic(dtype: str, r: int) -> No
     got = _linear("q_proj", "q_proj.weight", W.float().numpy(), B.numpy(), A.numpy(), np.float32(s), False, kind)
     want = expected.contiguous().view(torch.int32 if dtype == "float32" else torch.int16).numpy()
     assert int(np.count_nonzero(got.view(want.dtype) != want)) == 0
+
+
+@pytest.mark.compare
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
+@pytest.mark.parametrize("fan_in_fan_out", [False, True])
+@pytest.mark.parametrize("r", [16, 200])
+def test_delta_weight_equals_peft_get_delta_weight_rounded(dtype: str, fan_in_fan_out: bool, r: int) -> None:
+    """The delta of an embedding merge and of every unmerge: PEFT's transpose(B @ A, fifo) * s
+    rounded to the base dtype (``delta.to(orig_dtype)``), every bit, at torch's default threads."""
+    torch, _ = peft_modules()
+    tdtype = getattr(torch, dtype)
+    gen = torch.Generator().manual_seed(r)
+    B, A = torch.randn(256, r, generator=gen) * 0.01, torch.randn(r, 512, generator=gen) * 0.01
+    s = 16 / r
+    with _threads(torch, DEFAULT_THREADS):
+        product = B @ A
+    want = ((product.T if fan_in_fan_out else product) * s).to(tdtype).contiguous()
+    kind = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}[dtype]
+    got = delta_weight(B.numpy(), A.numpy(), np.float32(s), fan_in_fan_out, kind)
+    assert got.dtype == np.float32 and got.shape == tuple(want.shape)
+    np.testing.assert_array_equal(got, want.float().numpy())
+    assert np.array_equal(np.signbit(got), np.signbit(want.float().numpy()))
