@@ -94,7 +94,11 @@ def run(args: argparse.Namespace) -> int:
               f"scale={row['scale']:<10.6g} {row['dtype']}{extra}")
     for row in summary["replaced"]:
         print(f"  {row['tensor']:<40} copied from the adapter ({row['from']})")
+    reasons: dict[str, list[str]] = {}
     for row in summary["not_bit_equal"]:
-        print(f"  {row['tensor']:<40} not guaranteed bit-equal to PEFT: {row['why']}")
+        reasons.setdefault(row["why"], []).append(row["tensor"])
+    for why, names in reasons.items():
+        what = names[0] if len(names) == 1 else f"{len(names)} tensors ({names[0]}, ...)"
+        print(f"  {what:<40} not guaranteed bit-equal to PEFT: {why}")
     sys.stdout.flush()
     return 0
