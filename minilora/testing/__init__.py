@@ -16,11 +16,11 @@ PEFT, loralib or your own class through one protocol, ``conformance.check`` runs
 
 from __future__ import annotations
 
+from minilora.testing.adam_tolerance import adam_bounds
 from minilora.testing.compare import Comparison, ToleranceError, assert_lora_close, compare
 from minilora.testing.tolerance import (
     SAFETY,
     UNIT_ROUNDOFF,
-    adam_bounds,
     dot_bound,
     dtype_name,
     gamma,
