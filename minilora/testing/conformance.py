@@ -10,6 +10,8 @@ Properties (each in every dtype the adapter lists; adam skips float16, init runs
     unmerge         merging then unmerging gives W back
     adam            N Adam/AdamW steps on A and B fed a fixed gradient sequence
     init            a fresh adapter: B = 0 exactly; A drawn as minilora.lora_init draws it
+    dora_*, embedding_*, trainable   DoRA, LoRA on an embedding, the trainable set under PEFT's
+                    bias modes (``minilora.testing.variant_checks``; float64 and float32)
 
 Cases (``minilora.testing.cases``): fixed edge cases that find structural bugs at any seed, and
 ``max_examples`` hypothesis cases per dtype drawn with ``seed`` (each dtype its own shapes), so a
@@ -24,7 +26,6 @@ rounds to 0 there; PyTorch's own advice is float32 optimizer state for float16 m
 
 from __future__ import annotations
 
-import math
 import platform
 import time
 from collections.abc import Callable
@@ -35,6 +36,7 @@ import numpy as np
 from minilora.errors import MiniLoraValueError, one_line
 from minilora.testing.adam_check import run_adam
 from minilora.testing.adapters import (
+    VARIANT_METHODS,
     adapter_adam_eps,
     adapter_dtypes,
     adapter_features,
@@ -53,12 +55,15 @@ from minilora.testing.cases import (
     needed_optimizer_features,
 )
 from minilora.testing.compare import Comparison, compare, detection_threshold
+from minilora.testing.init_check import INIT_DTYPE, INIT_SHAPES, run_init
 from minilora.testing.problems import LoraProblem
 from minilora.testing.report import CheckReport, PropertyResult, severity
 from minilora.testing.tolerance import lora_bounds
+from minilora.testing.variant_checks import VARIANT_METHOD_OF, VARIANT_PROPERTIES, variant_pairs, variant_work
 
 __all__ = [
     "PROPERTIES",
+    "CORE_PROPERTIES",
     "ADAM_DTYPES",
     "PropertyResult",
     "CheckReport",
@@ -72,18 +77,12 @@ __all__ = [
     "check",
 ]
 
-PROPERTIES = ("forward", "grad_x", "grad_A", "grad_B", "merge", "merged_forward", "unmerge", "adam", "init")
+CORE_PROPERTIES = ("forward", "grad_x", "grad_A", "grad_B", "merge", "merged_forward", "unmerge", "adam", "init")
+PROPERTIES = CORE_PROPERTIES + VARIANT_PROPERTIES
 LAYER_PROPERTIES = PROPERTIES[:7]
 ADAM_DTYPES = ("float64", "float32", "bfloat16")
-INIT_DTYPE = "float32"
-# init: two shapes of 32768 draws each. The sample std of n draws has a relative standard error
-# of sqrt((kurtosis - 1) / (4 n)): 0.0039 for a normal, 0.0025 for a uniform, so a 2.5% tolerance
-# is 6.4 (normal) to 10 (uniform) standard errors (a false alarm below 1e-9), while a
-# distribution 7% too wide or 10% too narrow is 18 or more standard errors off.
-INIT_SHAPES = (dict(d_in=2048, d_out=8, rank=16), dict(d_in=4096, d_out=4, rank=8))
-INIT_STD_TOLERANCE = 0.025
 METHOD_OF = {"forward": "forward", "grad_x": "grads", "grad_A": "grads", "grad_B": "grads", "merge": "merge",
-             "merged_forward": "merge", "unmerge": "unmerge", "adam": "adam", "init": "init"}
+             "merged_forward": "merge", "unmerge": "unmerge", "adam": "adam", "init": "init", **VARIANT_METHOD_OF}
 
 
 def planned(adapter: Any, dtypes: Any = None, properties: Any = None) -> list[tuple[str, str]]:
@@ -91,7 +90,7 @@ def planned(adapter: Any, dtypes: Any = None, properties: Any = None) -> list[tu
     are planned too, and reported "n/a")."""
     have = adapter_dtypes(adapter)
     chosen = [d for d in have if dtypes is None or d in dtypes]
-    props = [p for p in PROPERTIES if properties is None or p in properties]
+    props = [p for p in CORE_PROPERTIES if properties is None or p in properties]
     pairs = []
     for p in props:
         if p == "init":
@@ -104,7 +103,7 @@ def planned(adapter: Any, dtypes: Any = None, properties: Any = None) -> list[tu
             if p == "adam" and d not in ADAM_DTYPES:
                 continue
             pairs.append((p, d))
-    return pairs
+    return pairs + variant_pairs(adapter, dtypes, properties)
 
 
 # ---------------------------------------------------------------- the oracle
@@ -235,38 +234,6 @@ def _precision_hint(p: LoraProblem, prop: str, actual: dict, narrower: dict, loo
             f"{p.dtype} where it declares {wide}, the declaration is what is wrong")
 
 
-def _init_checks(adapter: Any, init: str, seed: int, shape: dict) -> list[Comparison]:
-    """B = 0 exactly; A of the right shape, in range (uniform inits), its sample mean and std
-    near the target's."""
-    d_in, d_out, r = shape["d_in"], shape["d_out"], shape["rank"]
-    got = adapter.init(d_in, d_out, r, init, seed)
-    if not isinstance(got, dict) or not {"A", "B"} <= set(got):
-        return [Comparison("init", False, (), problem="init() must return {'A': ..., 'B': ...}")]
-    A, B = np.asarray(got["A"], dtype=np.float64), np.asarray(got["B"], dtype=np.float64)
-    out = [compare(B, np.zeros((d_out, r)), 0.0, name="B")]
-    if A.shape != (r, d_in):
-        return out + [Comparison("A", False, A.shape, problem=f"has shape {A.shape}; expected {(r, d_in)}")]
-    if init in ("kaiming", "he_uniform"):
-        # kaiming: U(-c, c), c = 1/sqrt(d_in) (torch's kaiming_uniform_(a=sqrt(5)));
-        # he_uniform: c = sqrt(6 / d_in) (Keras, Flax)
-        c = 1.0 / math.sqrt(d_in) if init == "kaiming" else math.sqrt(6.0 / d_in)
-        std = c / math.sqrt(3.0)
-        top = float(np.max(np.abs(A)))
-        slack = c * 2.0**-20
-        out.append(Comparison(f"max|A| [{init}]", top <= c + slack, (), (), top, c, max(0.0, top - c), slack,
-                              max(0.0, top - c) / slack, int(top > c + slack)))
-    else:  # "gaussian": N(0, 1/r^2) as PEFT; "normal": N(0, 1) as the paper
-        std = 1.0 / r if init == "gaussian" else 1.0
-    n = A.size
-    sample_std, mean = float(A.std()), float(A.mean())
-    for name, value, target, tol in (
-        ("std(A)", sample_std, std, INIT_STD_TOLERANCE * std),
-        ("mean(A)", mean, 0.0, 6.0 * std / math.sqrt(n)),
-    ):
-        err = abs(value - target)
-        out.append(Comparison(f"{name} [{init}]", err <= tol, (), (), value, target, err, tol, err / tol,
-                              int(err > tol)))
-    return out
 
 
 def _versions(adapter: Any) -> dict:
@@ -302,7 +269,7 @@ def check(
             row.na = f"the adapter has no {METHOD_OF[prop]}() method"
     by_dtype: dict[str, list[str]] = {}
     for prop, dt in pairs:
-        if rows[(prop, dt)].na is None:
+        if rows[(prop, dt)].na is None and prop in CORE_PROPERTIES:
             by_dtype.setdefault(dt, []).append(prop)
 
     work: list[tuple[str, Callable[..., None]]] = []
@@ -323,7 +290,8 @@ def check(
             for i, init in enumerate(getattr(adapter, "inits", ())):
                 for j, shape in enumerate(INIT_SHAPES):
                     work.append((f"init {init}", lambda i=i, j=j, init=init, dt=dt, shape=shape:
-                                 _run_init(adapter, init, seed * 101 + 2 * i + j, shape, rows[("init", dt)])))
+                                 run_init(adapter, init, seed * 101 + 2 * i + j, shape, rows[("init", dt)])))
+    work += variant_work(adapter, rows, max_examples, seed)
     for done, (label, job) in enumerate(work, start=1):
         job()
         if progress is not None:
@@ -342,17 +310,8 @@ def _declared(adapter: Any) -> dict:
         "optimizer_features": sorted(adapter_optimizer_features(adapter)),
         "adam_eps": adapter_adam_eps(adapter),
         "inits": list(getattr(adapter, "inits", ())),
-        "methods": [m for m in ("forward", "grads", "merge", "unmerge", "adam", "init") if has_method(adapter, m)],
+        "methods": [m for m in ("forward", "grads", "merge", "unmerge", "adam", "init", *VARIANT_METHODS)
+                    if has_method(adapter, m)],
         "precision": {dt: declared_precision(adapter, dt) for dt in adapter_dtypes(adapter)},
         "known_differences": list(getattr(adapter, "known_differences", ())),
     }
-
-
-def _run_init(adapter: Any, init: str, seed: int, shape: dict, row: PropertyResult) -> None:
-    case = f"init={init!r}, A {shape['rank']}x{shape['d_in']}, seed {seed}"
-    try:
-        checks = _init_checks(adapter, init, seed, shape)
-    except Exception as exc:
-        row.fail(case, f"init() raised {one_line(exc)}", raised=True)
-        return
-    row.add(_worst(checks), case, INIT_STD_TOLERANCE)

@@ -21,6 +21,13 @@ OPERATIONS: dict[str, tuple[frozenset[str], frozenset[str], frozenset[str]]] = {
     "merge": (frozenset({"W", "A", "B"}), frozenset({"x", "b", "mask", "g"}), frozenset({"W"})),
     "unmerge": (frozenset({"W", "A", "B"}), frozenset({"x", "b", "mask", "g"}), frozenset({"W"})),
     "adam_steps": (frozenset({"A", "B"}), frozenset(), frozenset({"A", "B"})),
+    "dora_dense": (frozenset({"x", "W", "A", "B", "m"}), frozenset({"b", "mask", "g"}), frozenset({"y"})),
+    "dora_dense_vjp": (frozenset({"x", "W", "A", "B", "m", "g"}), frozenset({"b", "mask"}),
+                       frozenset({"dx", "dA", "dB", "dm"})),
+    "dora_merge": (frozenset({"W", "A", "B", "m"}), frozenset({"x", "b", "mask", "g"}), frozenset({"W"})),
+    "embedding": (frozenset({"ids", "W", "A", "B"}), frozenset({"g"}), frozenset({"y"})),
+    "embedding_vjp": (frozenset({"ids", "W", "A", "B", "g"}), frozenset(), frozenset({"dA", "dB"})),
+    "embedding_merge": (frozenset({"W", "A", "B"}), frozenset({"ids", "g"}), frozenset({"W"})),
 }
 EXPECT = ("ok", "error")
 SHA256 = re.compile(r"[0-9a-f]{64}")

@@ -8,9 +8,9 @@ scale even the expected outputs are exact). Export is deterministic: the same mi
 same bytes, so two vector sets can be compared with ``diff -r`` or ``sha256sum``.
 
 Groups: ``forward`` (lora_dense), ``gradients`` (of sum(y * g) with respect to x, A, B),
-``merge`` (merge and unmerge), ``adam`` (Adam/AdamW fed fixed gradients) and ``invalid``
+``merge`` (merge and unmerge), ``adam`` (Adam/AdamW fed fixed gradients), ``invalid``
 (inputs an implementation must refuse: shapes that do not fit, a merge that overflows or
-meets a NaN).
+meets a NaN), ``dora`` and ``embedding`` (``minilora.testing.vector_variants``).
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ from minilora.testing.vector_cases import (
     _run_layer,
 )
 from minilora.testing.vector_schema import check_manifest
+from minilora.testing.vector_variants import VARIANT_GROUPS, VARIANT_OPERATIONS, run_variant, variant_groups
 
 __all__ = ["SCHEMA_VERSION", "VectorsError", "VerifyReport", "export", "verify"]
 
@@ -50,7 +51,7 @@ BOUND_DTYPES = ("float64", "float32")
 ERROR_KINDS: dict[str, type[Exception]] = {"shape": ShapeError, "non_finite": NonFiniteError}
 # a vector set must exercise each of these groups: verify fails a set that drops one (a reader that
 # passes "all cases" of a set without its invalid inputs has checked nothing about refusals)
-REQUIRED_GROUPS = ("forward", "gradients", "merge", "adam", "invalid")
+REQUIRED_GROUPS = ("forward", "gradients", "merge", "adam", *VARIANT_GROUPS, "invalid")
 
 CONVENTIONS = (
     "Shapes follow PyTorch/PEFT: W (d_out, d_in) [fan_in_fan_out: (d_in, d_out)], b (d_out,), A (r, d_in), "
@@ -58,7 +59,11 @@ CONVENTIONS = (
     "(alpha/sqrt(r) with rslora; given as options.scale); a missing b or mask means none. lora_dense_vjp: the "
     "gradients of sum(y * g) with respect to x, A and B. merge: W + scale B A; unmerge: W - scale B A "
     "(B A transposed for fan_in_fan_out). adam_steps: torch.optim.Adam (AdamW when decoupled) on {A, B}, "
-    "fed the gradients grads/<t>/A and grads/<t>/B at steps t = 1..steps."
+    "fed the gradients grads/<t>/A and grads/<t>/B at steps t = 1..steps. dora_dense: y = x W^T + b + (c - 1) "
+    "((x * mask) W^T) + c scale ((x * mask) A^T) B^T with c = m / ||W + scale B A|| per output row (the norm "
+    "held constant in dora_dense_vjp, which gives dx, dA, dB, dm); dora_merge: c (W + scale B A) row by row. "
+    "embedding: y = W[ids] + scale A^T[ids] B^T with W (num, dim), A (r, num), B (dim, r), ids integers stored "
+    "as F64; embedding_vjp: dA, dB; embedding_merge: W + scale (B A)^T."
 )
 TOLERANCE_RULE = (
     "Pass when |actual - expected| <= bound elementwise. bound.<dtype> = 2 (gamma_k(u) M + k eta) for that "
@@ -145,6 +150,7 @@ def _groups() -> list[tuple[dict, dict]]:
     groups.append(({"name": "adam", "comment": "Adam/AdamW steps on {A, B} fed fixed gradients", "cases": cases},
                    tensors))
 
+    groups += variant_groups()  # dora, embedding
     tensors = {}
     cases = []
     for cid, comment, op, kind, a, o in _invalid_cases():
@@ -336,7 +342,10 @@ def _verify_case(case: dict, tensors: dict, path: str) -> str:
             return f"{cid}: minilora refused it with {type(exc).__name__} ({exc}); expected a {case['error']} error"
         return f"{cid}: minilora accepted it; expected a {case['error']} error ({case.get('comment', '')})"
     try:
-        got = _run_adam(a, o) if op == "adam_steps" else _run_layer(op, a, o)
+        if op == "adam_steps":
+            got = _run_adam(a, o)
+        else:
+            got = run_variant(op, a, o) if op in VARIANT_OPERATIONS else _run_layer(op, a, o)
     except MiniLoraError as exc:
         return f"{cid}: minilora refused the inputs in {path}: {exc}"
     for name, entry in case["outputs"].items():

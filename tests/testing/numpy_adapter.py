@@ -10,6 +10,7 @@ import numpy as np
 
 import minilora as ml
 from minilora.testing import round_to
+from minilora.variants import dora_dense, dora_merge, dora_unmerge, embedding_merge, lora_embedding
 
 
 class NumpyAdapter:
@@ -44,6 +45,57 @@ class NumpyAdapter:
         for g in p.grads:
             params, state = ml.adam_step(params, g, state, **p.options)
         return {k: round_to(v, p.dtype) for k, v in params.items()}
+
+    # the variants, with minilora's own (rounded to the dtype at the end)
+
+    def dora_forward(self, p: Any) -> Any:
+        return round_to(dora_dense(p.params, p.lora, p.magnitude, p.x, dropout_mask=p.mask, **self._kw(p)), p.dtype)
+
+    def dora_grads(self, p: Any) -> dict:
+        def loss(x: Any, lora: dict, m: Any) -> Any:
+            return (dora_dense(p.params, lora, m, x, dropout_mask=p.mask, **self._kw(p)) * p.cotangent).sum()
+
+        gx, gl, gm = ml.grad(loss, argnum=(0, 1, 2))(p.x, p.lora, p.magnitude)
+        return {k: round_to(v, p.dtype) for k, v in (("x", gx), ("A", gl["A"]), ("B", gl["B"]), ("m", gm))}
+
+    def dora_merge(self, p: Any) -> dict:
+        merged, _ = dora_merge(p.params, p.lora, p.magnitude, **self._kw(p))
+        return {"W": round_to(merged["W"], p.dtype), "y": round_to(ml.dense(merged, p.x, fan_in_fan_out=p.fan_in_fan_out),
+                                                                    p.dtype)}
+
+    def dora_unmerge(self, p: Any) -> Any:
+        merged, norm = dora_merge(p.params, p.lora, p.magnitude, **self._kw(p))
+        return round_to(dora_unmerge(merged, p.lora, p.magnitude, norm, **self._kw(p))["W"], p.dtype)
+
+    def embedding_forward(self, p: Any) -> Any:
+        return round_to(lora_embedding({"W": p.W}, {"A": p.A, "B": p.B}, p.ids, scale=p.scale), p.dtype)
+
+    def embedding_grads(self, p: Any) -> dict:
+        def loss(lora: dict) -> Any:
+            return (lora_embedding({"W": p.W}, lora, p.ids, scale=p.scale) * p.cotangent).sum()
+
+        g = ml.grad(loss)({"A": p.A, "B": p.B})
+        return {k: round_to(g[k], p.dtype) for k in ("A", "B")}
+
+    def embedding_merge(self, p: Any) -> dict:
+        W = embedding_merge({"W": p.W}, {"A": p.A, "B": p.B}, scale=p.scale)["W"]
+        return {"W": round_to(W, p.dtype), "y": round_to(W[p.ids], p.dtype)}
+
+    def trainable(self, p: Any) -> set[str]:
+        out = set()
+        for name, _, _, bias in p.layers:
+            lora = name in p.targets
+            out |= {f"{name}.A", f"{name}.B"} | ({f"{name}.m"} if p.dora else set()) if lora else set()
+            if bias and (p.bias == "all" or (p.bias == "lora_only" and lora)):
+                out.add(f"{name}.b")
+        return out
+
+
+class NoVariants(NumpyAdapter):
+    """Plain LoRA only: every DoRA, embedding and trainable row is n/a."""
+
+    dora_forward = dora_grads = dora_merge = dora_unmerge = None  # type: ignore[assignment]
+    embedding_forward = embedding_grads = embedding_merge = trainable = None  # type: ignore[assignment]
 
 
 class NoMerge(NumpyAdapter):

@@ -13,6 +13,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from planted_variants import VARIANT_BUGS, VARIANT_HONEST
+
 from minilora.testing.adapters.torch_adapter import TorchAdapter
 
 
@@ -222,6 +224,7 @@ BUGS: dict[type, set[str]] = {
     AdamNoBiasCorrection: {"adam"},
     KaimingNarrow: {"init"},
     GaussianWide: {"init"},
+    **VARIANT_BUGS,  # DoRA, embedding, trainable set (planted_variants.py)
 }
 # dtypes where a bug is no larger than the rounding: PrecisionLie shows only where the declared
 # float32 differs from the base dtype
@@ -263,4 +266,4 @@ class HandAdam(_Adam):
     """Adam/AdamW written out in torch (the planted Adam bugs' correct sibling)."""
 
 
-HONEST = (TorchAdapter, ScaleFirst, Einsum, MergedForward, HandAdam)
+HONEST = (TorchAdapter, ScaleFirst, Einsum, MergedForward, HandAdam, *VARIANT_HONEST)

@@ -34,6 +34,13 @@ DTYPES = {"flax": ["float64"], "keras": ["float64", "float32"],
           "torchtune": ["float64", "float32", "float16", "bfloat16"]}
 
 
+def need(package: str) -> Any:
+    """``helpers.require``, with Keras imported on the torch backend as its adapter imports it."""
+    if package == "keras" and "keras" not in sys.modules:
+        os.environ["KERAS_BACKEND"] = "torch"
+    return require(package)
+
+
 def run_check(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO)] + ([os.environ["PYTHONPATH"]]
                                                                       if os.environ.get("PYTHONPATH") else [])))
@@ -47,7 +54,7 @@ def run_check(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
 def test_minilora_check_passes_for_the_target(target: str, tmp_path: Path) -> None:
     packages, na, declared = TARGETS[target]
     for package in packages:
-        require(package)
+        need(package)
     out = run_check(target, "--json", str(tmp_path / "r.json"))
     assert out.returncode == 0, out.stdout + out.stderr
     assert "Traceback" not in out.stderr
@@ -72,9 +79,7 @@ def test_minilora_check_passes_for_the_target(target: str, tmp_path: Path) -> No
 
 def _keras_adapter() -> Any:
     require("torch")
-    if "keras" not in sys.modules:  # its backend is chosen at its first import (the adapter's: torch)
-        os.environ["KERAS_BACKEND"] = "torch"
-    require("keras")
+    need("keras")
     from minilora.testing.adapters.keras_adapter import KerasAdapter
 
     return KerasAdapter

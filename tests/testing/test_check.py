@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -19,8 +20,9 @@ from helpers import REPO, assert_one_line_error, require, run_cli
 import minilora
 import minilora.cli.common
 from minilora.testing.adapters import FrameworkUnavailableError, TargetError, load_adapter
-from minilora.testing.conformance import EDGE_CASES, PROPERTIES, check, planned
+from minilora.testing.conformance import CORE_PROPERTIES, EDGE_CASES, check, planned
 from minilora.testing.pytest_plugin import ConformanceTests
+from minilora.testing.variant_checks import DORA_PROPERTIES, VARIANT_PROPERTIES
 
 TESTS = Path(__file__).resolve().parent
 ALL_DTYPES = ["float64", "float32", "float16", "bfloat16"]
@@ -53,14 +55,21 @@ def test_check_passes_for_the_real_frameworks(target: str, tmp_path_factory: pyt
         assert "adapter float32" in lines[1]
     assert lines[2].split() == ["property", "dtype", "cases", "worst", "error", "/", "bound", "detects", "verdict"]
     rows = [line.split() for line in lines[3:] if line.startswith("  ")]
-    expected = [(p, d) for p in PROPERTIES if p != "init" for d in ALL_DTYPES if not (p == "adam" and d == "float16")]
+    expected = [(p, d) for p in CORE_PROPERTIES if p != "init" for d in ALL_DTYPES
+                if not (p == "adam" and d == "float16")]
     expected.append(("init", "float32"))
+    expected += [(p, "any") if p == "trainable" else (p, d) for p in VARIANT_PROPERTIES
+                 for d in (("any",) if p == "trainable" else ("float64", "float32"))]
     assert [(r[0], r[1]) for r in rows] == expected
-    assert all(r[-1] == "pass" for r in rows)
+    # loralib has no DoRA: those rows are n/a, every other row passes
+    na = set(DORA_PROPERTIES) if target == "loralib" else set()
+    assert all(r[-1] == ("n/a" if r[0] in na else "pass") for r in rows)
     for r in rows:  # cases, then "error / bound (ratio)", each error within its bound, then ">threshold"
+        if r[0] in na or r[0] == "trainable":  # no numbers: n/a, or a set compared exactly
+            continue
         cases, error, bound, threshold = int(r[2]), float(r[3]), float(r[5]), float(r[7].lstrip(">"))
         assert cases >= (2 if r[0] == "init" else 20) and error <= bound and 0 < threshold < 0.1
-    assert lines[-1].startswith(f"all {len(expected)} checks passed")
+    assert lines[-1].startswith(f"all {len(expected) - 2 * len(na)} checks passed")
 
     assert report["passed"] is True and report["target"] == target
     assert report["seed"] == 0 and report["max_examples"] == 20
@@ -71,6 +80,9 @@ def test_check_passes_for_the_real_frameworks(target: str, tmp_path_factory: pyt
     assert report["versions"][target] not in ("", "unknown")
     assert [(r["property"], r["dtype"]) for r in report["results"]] == expected
     for r in report["results"]:
+        if r["property"] in na:
+            assert r["verdict"] == "n/a" and r["cases"] == 0
+            continue
         assert r["verdict"] == "pass" and r["failed_cases"] == 0 and r["ratio"] <= 1.0
 
 
@@ -114,13 +126,14 @@ def test_the_cli_names_the_failing_property_and_worst_element(tmp_path: Path) ->
     assert out.returncode == 1, out.stdout + out.stderr
     assert "Traceback" not in out.stderr
     text = out.stdout
-    assert "  forward         float32" in text and "FAIL" in text
+    assert re.search(r"^  forward +float32 ", text, re.M) and "FAIL" in text
     fail_lines = [line for line in text.splitlines() if line.startswith("FAIL ")]
     assert [line.split()[1] for line in fail_lines] == ["forward", "grad_x", "grad_A", "grad_B", "merge",
                                                         "merged_forward"]
     forward = fail_lines[0]
     assert "worst element y[" in forward and "expected" in forward and "x the bound" in forward
-    assert text.splitlines()[-1].startswith("6 of 9 checks FAILED")
+    # 9 rows of plain LoRA and 14 of the variants (13 in float32, the trainable set), which pass
+    assert text.splitlines()[-1].startswith("6 of 23 checks FAILED")
     report = json.loads(report_path.read_text())
     assert report["passed"] is False
     bad = [r for r in report["results"] if not r["passed"]]
@@ -219,7 +232,7 @@ def test_progress_is_shown_on_a_terminal(monkeypatch: pytest.MonkeyPatch, capsys
     shown = terminal.getvalue()
     assert "\r  checking layer float64" in shown and "\r  checking adam float64" in shown
     assert shown.endswith("\r")  # the line is cleared at the end
-    assert "all 9 checks passed" in capsys.readouterr().out
+    assert "all 23 checks passed" in capsys.readouterr().out  # 9 of plain LoRA, 14 of the variants
 
 
 # --------------------------------------------------------------------------- bad targets
@@ -322,8 +335,9 @@ def test_the_plugin_in_a_users_project(tmp_path: Path) -> None:
         "TestConformance::test_conformance[adam-float32]",
         "TestConformance::test_conformance[adam-float64]",
     ], out.stdout
-    # TestGood: 9 properties in float64; TestBad: 2; the suite: 32 for a torch-based adapter
-    assert "4 failed, 39 passed" in out.stdout, out.stdout
+    # TestGood: 9 properties in float64 and 14 of the variants; TestBad: 2; the suite: 32 and 27
+    # of the variants (float64, float32, the trainable set) for a torch-based adapter
+    assert "4 failed, 80 passed" in out.stdout, out.stdout
     assert "FAIL forward (float32)" in out.stdout and "worst element y[" in out.stdout
     assert "FAIL adam (float32)" in out.stdout and "worst element" in out.stdout
 

@@ -86,7 +86,7 @@ MALFORMED: list[tuple[str, Any, str]] = [
     ("a bound a string", lambda m: _case(m, "forward")["outputs"]["y"].update(bound="x"),
      "groups[0].cases[0].outputs.y.bound"),
     ("expect unknown", lambda m: _case(m, "forward").update(expect="maybe"), "groups[0].cases[0].expect"),
-    ("an unknown error kind", lambda m: _case(m, "invalid").update(error="boom"), "groups[4].cases[0].error"),
+    ("an unknown error kind", lambda m: _case(m, "invalid").update(error="boom"), "groups[6].cases[0].error"),
     ("adam steps a string", lambda m: _case(m, "adam")["options"].update(steps="5"), "groups[3].cases[0].options.steps"),
     ("adam steps huge", lambda m: _case(m, "adam")["options"].update(steps=10**12), "groups[3].cases[0].options.steps"),
     ("adam steps beyond its gradients", lambda m: _case(m, "adam")["options"].update(steps=50),
@@ -115,7 +115,8 @@ def test_a_malformed_manifest_names_the_field(vectors: Path, tmp_path: Path, wha
 
 
 def test_the_group_order_of_the_field_names_is_the_exported_one(vectors: Path) -> None:
-    assert [g["name"] for g in _manifest(vectors)["groups"]] == ["forward", "gradients", "merge", "adam", "invalid"]
+    assert [g["name"] for g in _manifest(vectors)["groups"]] == ["forward", "gradients", "merge", "adam", "dora",
+                                                                 "embedding", "invalid"]
 
 
 def test_a_missing_amsgrad_option_takes_its_default(vectors: Path, tmp_path: Path) -> None:

@@ -18,9 +18,30 @@ and, where the implementation has them (a missing one makes its rows "n/a", neve
     adam(problem)     -> {"A", "B"} after len(problem.grads) optimizer steps fed those
                          gradients (an ``AdamProblem``; options as in ``minilora.adam_step``)
 
+the variant methods (problems from ``minilora.testing.variant_problems``; each optional, a
+missing one makes its rows "n/a"):
+
+    dora_forward(problem)    -> y (*lead, d_out): the DoRA layer of a ``DoraProblem`` (a
+                                ``LoraProblem`` plus ``magnitude`` m (d_out,)), PEFT's form:
+                                y = x W^T + b + (c - 1)(xm W^T) + c s (xm A^T) B^T,
+                                c = m / ||W + s B A||_row (the norm detached), xm = x * mask
+    dora_grads(problem)      -> {"x", "A", "B", "m"}: gradients of sum(y * problem.cotangent)
+    dora_merge(problem)      -> {"W": c * (W + s B A) row by row, in problem.W's layout,
+                                 "y": the merged layer's output on problem.x (no dropout)}
+    dora_unmerge(problem)    -> the base weight after merging and then unmerging
+    embedding_forward(problem) -> y (*lead, dim) = W[ids] + s A^T[ids] B^T (an ``EmbeddingProblem``)
+    embedding_grads(problem) -> {"A", "B"}: gradients of sum(y * problem.cotangent)
+    embedding_merge(problem) -> {"W": W + s (B A)^T (num, dim), "y": the merged table at ids}
+    trainable(problem)       -> the names "<layer>.<kind>" (kind W, b, A, B or m) of the
+                                parameters that train for a ``TrainableProblem`` (PEFT's
+                                ``bias`` = "none" | "all" | "lora_only", ``use_dora``)
+
 and optionally the attributes ``name``, ``dtypes`` (default float64 and float32),
 ``features`` (a subset of ``FEATURES``: the layer options it supports; default all; without
 "scale" the cases have alpha = r, so s = 1, as for a layer with no alpha),
+``dora_features`` (the same for its DoRA layer; default ``features``), ``variant_dtypes`` (the
+dtypes of its DoRA, embedding rows; default its ``dtypes`` that are float64 or float32: the
+variant bounds are derived for storage = computation, see ``minilora.testing.variant_bounds``),
 ``optimizer_features`` (a subset of ``OPTIMIZER_FEATURES``; an Adam case that needs a missing
 one is reported "not covered"), ``adam_eps`` (one of ``ADAM_EPS``: "torch", the default, adds
 eps to sqrt(v / (1 - beta2^t)) as torch.optim does; "hat" adds it to sqrt(v) before the bias
@@ -49,6 +70,7 @@ __all__ = [
     "LoraAdapter",
     "REQUIRED_METHODS",
     "OPTIONAL_METHODS",
+    "VARIANT_METHODS",
     "FEATURES",
     "OPTIMIZER_FEATURES",
     "INITS",
@@ -64,10 +86,15 @@ __all__ = [
     "missing_methods",
     "adapter_dtypes",
     "adapter_features",
+    "adapter_dora_features",
+    "adapter_variant_dtypes",
+    "VARIANT_DTYPES",
 ]
 
 REQUIRED_METHODS = ("forward", "grads")
 OPTIONAL_METHODS = ("merge", "unmerge", "adam")
+VARIANT_METHODS = ("dora_forward", "dora_grads", "dora_merge", "dora_unmerge", "embedding_forward",
+                   "embedding_grads", "embedding_merge", "trainable")
 # scale: the layer multiplies its update by alpha / r (Flax's LoRA has no alpha: scale 1)
 FEATURES = frozenset({"fan_in_fan_out", "rslora", "dropout", "no_bias", "scale"})
 # Adam options beyond plain Adam: amsgrad, L2 decay (weight_decay with decoupled=False),
@@ -159,6 +186,21 @@ def adapter_dtypes(adapter: Any) -> tuple[str, ...]:
 
 def adapter_features(adapter: Any) -> frozenset:
     return frozenset(getattr(adapter, "features", FEATURES))
+
+
+def adapter_dora_features(adapter: Any) -> frozenset:
+    return frozenset(getattr(adapter, "dora_features", adapter_features(adapter)))
+
+
+# the dtypes the variant properties run in (see ``variant_bounds``: no mixed-precision model yet)
+VARIANT_DTYPES = ("float64", "float32")
+
+
+def adapter_variant_dtypes(adapter: Any) -> tuple[str, ...]:
+    given = getattr(adapter, "variant_dtypes", None)
+    if given is None:
+        return tuple(d for d in adapter_dtypes(adapter) if d in VARIANT_DTYPES)
+    return tuple(given)
 
 
 @contextlib.contextmanager
@@ -257,6 +299,7 @@ def _checked(obj: Any, target: str) -> Any:
             f"{', '.join(REQUIRED_METHODS)}; see minilora.testing.adapters)"
         )
     for attr, valid in (("dtypes", DTYPE_NAMES), ("features", tuple(sorted(FEATURES))),
+                        ("dora_features", tuple(sorted(FEATURES))), ("variant_dtypes", VARIANT_DTYPES),
                         ("optimizer_features", tuple(sorted(OPTIMIZER_FEATURES))), ("inits", INITS)):
         given = getattr(obj, attr, ())
         if isinstance(given, str):

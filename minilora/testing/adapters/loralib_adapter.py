@@ -6,6 +6,11 @@ lora_alpha = alpha * sqrt(r), which is the same scale. With fan_in_fan_out it st
 (d_in, d_out), as the problem does. Its dropout (an ``nn.Dropout`` attribute) is replaced by a
 module applying the problem's fixed mask. Before the optimizer runs,
 ``loralib.mark_only_lora_as_trainable`` freezes everything else, as its README says to.
+
+Variants: ``loralib.Embedding`` (its lora_A (r, num), lora_B (dim, r), merged on ``eval()``) and
+the trainable set (``loralib.Linear`` on the targets, ``nn.Linear`` elsewhere, then
+``mark_only_lora_as_trainable(model, bias=...)``, whose "none" / "all" / "lora_only" follow the
+same rules as PEFT's). loralib has no DoRA: those rows are "n/a".
 """
 
 from __future__ import annotations
@@ -111,3 +116,57 @@ class LoralibAdapter(TorchBase):
         with self.one_thread(), self.seeded(seed):
             layer = self._layer(d_in=d_in, d_out=d_out, rank=rank, alpha=rank, dtype="float32")
             return {"A": self.host(layer.lora_A), "B": self.host(layer.lora_B)}
+
+    # ------------------------------------------------------------ variants
+
+    def _embedding(self, p: Any) -> Any:
+        lora_alpha = p.alpha * math.sqrt(p.rank) if p.rslora else p.alpha
+        layer = self.loralib.Embedding(p.num_embeddings, p.dim, r=p.rank, lora_alpha=lora_alpha, merge_weights=True)
+        layer = layer.to(self.tdtype(p.dtype))
+        with self.torch.no_grad():
+            for name, value in (("weight", p.W), ("lora_A", p.A), ("lora_B", p.B)):
+                getattr(layer, name).copy_(self.tensor(value, layer.weight.dtype))
+        layer.train()
+        return layer
+
+    def _ids(self, p: Any) -> Any:
+        return self.torch.from_numpy(p.ids.copy())
+
+    def embedding_forward(self, problem: Any) -> Any:
+        with self.one_thread(), self.torch.no_grad():
+            return self.host(self._embedding(problem)(self._ids(problem)))
+
+    def embedding_grads(self, problem: Any) -> dict:
+        with self.one_thread():
+            layer = self._embedding(problem)
+            y = layer(self._ids(problem))
+            y.backward(self.tensor(problem.cotangent, y.dtype))
+            return {"A": self.host(layer.lora_A.grad), "B": self.host(layer.lora_B.grad)}
+
+    def embedding_merge(self, problem: Any) -> dict:
+        with self.one_thread(), self.torch.no_grad():
+            layer = self._embedding(problem)
+            layer.eval()  # merges W += (B A)^T * scaling
+            if not layer.merged:
+                raise RuntimeError("loralib.Embedding did not merge on eval()")
+            return {"W": self.host(layer.weight), "y": self.host(layer(self._ids(problem)))}
+
+    def trainable(self, problem: Any) -> set[str]:
+        nn: Any = self.torch.nn
+        model = nn.Module()
+        for name, d_in, d_out, bias in problem.layers:
+            if name in problem.targets:
+                layer = self.loralib.Linear(d_in, d_out, r=problem.rank, lora_alpha=problem.alpha, bias=bias)
+            else:
+                layer = nn.Linear(d_in, d_out, bias=bias)
+            model.add_module(name, layer)
+        self.loralib.mark_only_lora_as_trainable(model, bias=problem.bias)
+        kinds = {"weight": "W", "bias": "b", "lora_A": "A", "lora_B": "B"}
+        out = set()
+        for full, param in model.named_parameters():
+            layer_name, _, rest = full.partition(".")
+            if param.requires_grad:
+                if rest not in kinds:
+                    raise RuntimeError(f"loralib trains a parameter this adapter cannot name: {full}")
+                out.add(f"{layer_name}.{kinds[rest]}")
+        return out

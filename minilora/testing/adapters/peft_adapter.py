@@ -16,26 +16,20 @@ float32 bound, not to their base's (30,000 to 260,000 times looser), so a wrong 
 
 from __future__ import annotations
 
-import contextlib
-import warnings
-from collections.abc import Iterator
 from typing import Any
 
+from minilora.testing.adapters.peft_variants import PeftVariants, quiet
 from minilora.testing.adapters.torch_adapter import TorchBase
 
 __all__ = ["PeftAdapter"]
 
 
-@contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    """PEFT warns about things that do not apply here (merging a model it just made, ...)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
+_quiet = quiet
 
 
-class PeftAdapter(TorchBase):
-    """LoRA as PEFT does it: ``get_peft_model(OneLayer(base), LoraConfig(...))``."""
+class PeftAdapter(PeftVariants, TorchBase):
+    """LoRA as PEFT does it: ``get_peft_model(OneLayer(base), LoraConfig(...))``; DoRA
+    (``use_dora=True``), ``nn.Embedding`` targets and the bias modes from ``PeftVariants``."""
 
     name = "peft"
     inits = ("kaiming", "gaussian")
@@ -60,7 +54,7 @@ class PeftAdapter(TorchBase):
 
     def _build(self, *, d_in: int, d_out: int, rank: int, alpha: float, rslora: bool, fif: bool,
                dtype: str, W: Any = None, b: Any = None, dropout: float | None = None,
-               init: str = "kaiming") -> tuple[Any, Any]:
+               init: str = "kaiming", dora: bool = False) -> tuple[Any, Any]:
         """(peft model, its LoRA layer) with base weight W (problem layout) and bias b."""
         nn: Any = self.torch.nn
 
@@ -86,6 +80,7 @@ class PeftAdapter(TorchBase):
         config = self.peft.LoraConfig(
             r=rank, lora_alpha=alpha, use_rslora=rslora, target_modules=["layer"], fan_in_fan_out=fif,
             lora_dropout=0.0 if dropout is None else dropout, init_lora_weights=self.INIT[init], bias="none",
+            use_dora=dora,
         )
         with _quiet():
             model = self.peft.get_peft_model(OneLayer(base), config)

@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from minilora.testing.adapters.torch_variants import TorchVariants
+
 __all__ = ["TorchAdapter", "TorchBase"]
 
 
@@ -105,8 +107,9 @@ class _Seeded:
         return self.ctx.__exit__(*exc)
 
 
-class TorchAdapter(TorchBase):
-    """LoRA in plain PyTorch: y = F.linear(x, W, b) + s F.linear(F.linear(x m, A), B)."""
+class TorchAdapter(TorchVariants, TorchBase):
+    """LoRA in plain PyTorch: y = F.linear(x, W, b) + s F.linear(F.linear(x m, A), B); DoRA,
+    embedding LoRA and the trainable set from ``TorchVariants``."""
 
     name = "torch"
     inits = ("kaiming", "gaussian")

@@ -1,0 +1,197 @@
+"""Error bounds for DoRA and LoRA-embedding layers, built from ``tolerance``'s rules (gamma_k
+chains, the float64 reference's own share, ``SAFETY``), elementwise like ``lora_bounds``.
+
+DoRA's norm. With V = W + s B A (d_out, d_in) and Mv = |W| + |s| |B| |A|, the computed V has
+|dV| <= gamma_(r+2) Mv (the merge bound). The squared row norm n^2 = sum_j V_ij^2 sums d_in
+positive terms; computed from the perturbed V,
+
+    |fl(n^2) - n^2| <= gamma_(2 d_in + 4) n^2 + 2 gamma_(r+2) sum_j |V_ij| Mv_ij + gamma_(r+2)^2 sum_j Mv_ij^2
+
+(the length 2 d_in + 4 rather than d_in + 1 covers norms that scale each term before squaring,
+as LAPACK's nrm2 and torch.linalg.norm may, each element then rounding twice). So with the row's
+condition number kappa_i = sum_j |V_ij| Mv_ij / n_i^2 (>= 1; large when W and s B A cancel), the
+relative error of n^2 is d2 = gamma_(2 d_in + 4) + 2 kappa gamma_(r+2) + gamma_(r+2)^2 sum Mv^2 / n^2,
+the square root gives dn = 1 - sqrt(1 - d2) (exact, not a first-order guess) plus one rounding,
+and c = m / n errs by dc = (1 + u)(1 + dn / (1 - dn)) - 1 relative. No bound exists when d2 >= 1
+(refused, as ``gamma`` refuses k u >= 1).
+
+Every DoRA output is then a LoRA-like computation with one factor c known to dc relative:
+
+    ======= ===================================================================== ===============
+    key     magnitude M (and T, the part that carries c)                          K
+    ======= ===================================================================== ===============
+    y       |x||W|^T + |b| + |c - 1| (|xm||W|^T) + T,  T = |c| (|xm||W|^T +        d_in + r + 6
+            |s| (|xm||A|^T)|B|^T)
+    x       |g||W| + (|g||c - 1||W| + T') |m|,  T' = |s| ((|g c|)|B|)|A| + |g c||W|  d_out + r + 6
+    A       |s| (|G c| |B|)^T |Xm|   (all of it carries c)                        d_out + n + 4
+    B       |s| |G c|^T (|Xm||A|^T)  (all of it carries c)                        d_in + n + 4
+    m       sum_n |g| (|xm||W|^T + |s| (|xm||A|^T)|B|^T) / n  (carries 1/n)       d_in + r + n + 6
+    W       |c| Mv row by row            (merge; all of it carries c)             r + 3
+    y_merged |x| (|c| Mv)^T + |b|        (the merged layer; all but b carry c)    d_in + r + 6
+    W_back  Mv                           (merge, unmerge: two c's, 2 dc)          2 r + 8
+    ======= ===================================================================== ===============
+
+    bound = SAFETY (gamma_K(accumulate) M + dc T [+ gamma_stores(dtype) M when sums are wider])
+
+(m the dropout mask, xm = x * m; a form that computes c (x W^T + s (x A^T) B^T) + b without
+dropout, or the forward through the merged weight, has magnitude within M since
+|c| <= 1 + |c - 1|.) The reference's own float64 error is added as in ``lora_bounds``.
+
+Embedding (y = W[ids] + s A^T[ids] B^T, gathers exact): y: M = |W[ids]| + |s| |A^T[ids]||B|^T,
+K = r + 3; dA: M = |s| (P^T (|G||B|))^T, K = dim + n + 3 (P the one-hot of ids: a row of A^T
+sums its occurrences); dB: M = |s| |G|^T |A^T[ids]|, K = n + 3; merge: M = |W| + |s| (|B||A|)^T,
+K = r + 2; the merged table at ids: that bound gathered.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from minilora.errors import MiniLoraValueError
+from minilora.testing.tolerance import SAFETY, STORED, dtype_name, gamma, unit_roundoff
+
+__all__ = ["dora_factor_error", "dora_bounds", "embedding_bounds"]
+
+
+def _gamma_chain(k: int, dtype: str, accumulate: str) -> float:
+    """gamma_k in the accumulation dtype, plus the roundings of stored intermediates in
+    ``dtype`` when sums are carried wider (as ``dot_bound``)."""
+    out = gamma(k, accumulate)
+    if accumulate != dtype:
+        out += gamma(max(STORED.values()) + 2, dtype)
+    return out
+
+
+def dora_factor_error(W: Any, A: Any, B: Any, *, scale: float, dtype: Any, accumulate: Any = None,
+                      fan_in_fan_out: bool = False) -> np.ndarray:
+    """dc (d_out,): the relative error an honest implementation in ``dtype`` may make in DoRA's
+    c = m / ||W + s B A||_row (the module docstring has the derivation). Raises
+    ``MiniLoraValueError`` where no bound exists (the computed norm may be off by 100%)."""
+    dt = dtype_name(dtype)
+    acc = dtype_name(accumulate) if accumulate is not None else dt
+    u = unit_roundoff(dt)
+    W = np.asarray(W, dtype=np.float64)
+    W = W.T if fan_in_fan_out else W
+    A, B = np.asarray(A, dtype=np.float64), np.asarray(B, dtype=np.float64)
+    r, d_in = A.shape
+    V = W + scale * (B @ A)
+    Mv = np.abs(W) + abs(scale) * (np.abs(B) @ np.abs(A))
+    n2 = np.sum(V * V, axis=1)
+    gv = _gamma_chain(r + 2, dt, acc)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        d2 = (_gamma_chain(2 * d_in + 4, dt, acc) + 2 * gv * np.sum(np.abs(V) * Mv, axis=1) / n2
+              + gv * gv * np.sum(Mv * Mv, axis=1) / n2)
+    d2 = np.where(n2 > 0, d2, np.inf)
+    if not np.all(d2 < 1.0):
+        raise MiniLoraValueError(
+            f"no error bound for DoRA's row norm in {dt}: a row of W + s B A (d_in {d_in}) is zero or cancels "
+            f"so far that its computed norm may be off by 100% (relative error bound {float(np.max(d2)):.3g})")
+    dn = 1.0 - np.sqrt(1.0 - d2)
+    dn = (1.0 + dn) * (1.0 + u) - 1.0
+    return (1.0 + u) * (1.0 + dn / (1.0 - dn)) - 1.0
+
+
+def _dora_one(p: Any, dt: str, acc: str) -> dict[str, np.ndarray]:
+    s = abs(float(p.scale))
+    x = np.asarray(p.x, dtype=np.float64)
+    W = np.asarray(p.W, dtype=np.float64)
+    W_oi = W.T if p.fan_in_fan_out else W
+    A, B = np.asarray(p.A, dtype=np.float64), np.asarray(p.B, dtype=np.float64)
+    r, d_in = A.shape
+    d_out = B.shape[0]
+    V = W_oi + p.scale * (B @ A)
+    n = np.sqrt(np.sum(V * V, axis=1))  # (d_out,)
+    c = np.asarray(p.magnitude, dtype=np.float64) / n
+    dc = dora_factor_error(p.W, p.A, p.B, scale=p.scale, dtype=dt, accumulate=acc, fan_in_fan_out=p.fan_in_fan_out)
+    ac, ac1 = np.abs(c), np.abs(c - 1.0)
+    aW, aA, aB = np.abs(W_oi), np.abs(A), np.abs(B)
+    mask = None if p.mask is None else np.abs(np.asarray(p.mask, dtype=np.float64))
+    ax = np.abs(x)
+    axm = ax if mask is None else ax * mask
+    ab = 0.0 if p.b is None else np.abs(np.asarray(p.b, dtype=np.float64))
+    g = np.abs(np.asarray(p.cotangent, dtype=np.float64))
+    n_rows = int(np.prod(g.shape[:-1], dtype=np.int64))
+    G, Xm = g.reshape(-1, d_out), axm.reshape(-1, d_in)
+    Mv = aW + s * (aB @ aA)
+
+    def bound(k: int, M: Any, T: Any, T_dc: Any) -> np.ndarray:
+        # T the part that carries a factor c, T_dc the same with each c weighted by its dc
+        return SAFETY * (_gamma_chain(k, dt, acc) * (M + T) + T_dc)
+
+    def masked(a: np.ndarray) -> np.ndarray:
+        return a if mask is None else a * mask
+
+    base_m = axm @ aW.T  # |xm||W|^T
+    lora_m = s * (axm @ aA.T) @ aB.T
+    out = {}
+    t_y = ac * (base_m + lora_m)
+    out["y"] = bound(d_in + r + 6, ax @ aW.T + ab + ac1 * base_m, t_y, dc * t_y)
+    gc, gcd = g * ac, g * ac * dc  # dx, dA sum over the output rows: each row's c with its own dc
+    out["x"] = bound(d_out + r + 6, g @ aW + masked((g * ac1) @ aW), masked(s * (gc @ aB) @ aA + gc @ aW),
+                     masked(s * (gcd @ aB) @ aA + gcd @ aW))
+    Gc, Gcd = G * ac, G * ac * dc
+    out["A"] = bound(d_out + n_rows + 4, 0.0, s * (Gc @ aB).T @ Xm, s * (Gcd @ aB).T @ Xm)
+    t_B = s * Gc.T @ (Xm @ aA.T)
+    out["B"] = bound(d_in + n_rows + 4, 0.0, t_B, dc[:, None] * t_B)
+    t_m = np.sum(G * (Xm @ aW.T + s * (Xm @ aA.T) @ aB.T), axis=0) / n
+    out["m"] = bound(d_in + r + n_rows + 6, 0.0, t_m, dc * t_m)  # 1/n errs by at most dc
+    Wm = ac[:, None] * Mv  # (d_out, d_in)
+    Wmd = dc[:, None] * Wm
+    out["W"] = bound(r + 3, 0.0, Wm.T if p.fan_in_fan_out else Wm, Wmd.T if p.fan_in_fan_out else Wmd)
+    out["y_merged"] = bound(d_in + r + 6, ab, ax @ Wm.T, ax @ Wmd.T)
+    Mvd = 2.0 * dc[:, None] * Mv  # the merge's c and the unmerge's
+    out["W_back"] = bound(2 * r + 8, 0.0, Mv.T if p.fan_in_fan_out else Mv, Mvd.T if p.fan_in_fan_out else Mvd)
+    return out
+
+
+def dora_bounds(p: Any, *, dtype: Any = None, accumulate: Any = None, reference: Any = "float64") -> dict:
+    """Elementwise tolerances for a ``DoraProblem``'s outputs: {"y", "x", "A", "B", "m", "W",
+    "y_merged", "W_back"} (the module docstring's table), in ``dtype`` (default p.dtype) with
+    sums in ``accumulate``, plus the float64 reference's own bound."""
+    dt = dtype_name(dtype if dtype is not None else p.dtype)
+    acc = dtype_name(accumulate) if accumulate is not None else dt
+    out = _dora_one(p, dt, acc)
+    if reference is not None:
+        ref = _dora_one(p, dtype_name(reference), dtype_name(reference))
+        out = {k: out[k] + ref[k] for k in out}
+    return out
+
+
+def _embedding_one(p: Any, dt: str, acc: str) -> dict[str, np.ndarray]:
+    s = abs(float(p.scale))
+    ids = np.asarray(p.ids)
+    aW, aA, aB = (np.abs(np.asarray(a, dtype=np.float64)) for a in (p.W, p.A, p.B))
+    r, num = aA.shape
+    dim = aB.shape[0]
+    g = np.abs(np.asarray(p.cotangent, dtype=np.float64))
+    H = aA.T[ids]  # (..., r)
+    flat_ids, G = ids.reshape(-1), g.reshape(-1, dim)
+    n = flat_ids.size
+    P = np.zeros((n, num))
+    P[np.arange(n), flat_ids] = 1.0
+    Mw = aW + s * (aB @ aA).T
+
+    def bound(k: int, M: Any) -> np.ndarray:
+        return SAFETY * _gamma_chain(k, dt, acc) * M
+
+    return {
+        "y": bound(r + 3, aW[ids] + s * H @ aB.T),
+        "A": bound(dim + n + 3, s * (P.T @ (G @ aB)).T),
+        "B": bound(n + 3, s * G.T @ H.reshape(-1, r)),
+        "W": bound(r + 2, Mw),
+        "y_merged": bound(r + 2, Mw[ids]),
+    }
+
+
+def embedding_bounds(p: Any, *, dtype: Any = None, accumulate: Any = None, reference: Any = "float64") -> dict:
+    """Elementwise tolerances for an ``EmbeddingProblem``'s outputs: {"y", "A", "B", "W",
+    "y_merged"} (the module docstring), in ``dtype`` (default p.dtype), plus the reference's."""
+    dt = dtype_name(dtype if dtype is not None else p.dtype)
+    acc = dtype_name(accumulate) if accumulate is not None else dt
+    out = _embedding_one(p, dt, acc)
+    if reference is not None:
+        ref = _embedding_one(p, dtype_name(reference), dtype_name(reference))
+        out = {k: out[k] + ref[k] for k in out}
+    return out
