@@ -237,3 +237,32 @@ def test_flax_adam_without_x64_would_compute_the_bias_correction_in_float32() ->
     assert adapter.jax.config.read("jax_enable_x64") is True
     assert adapter.jnp.asarray(0.999).dtype == np.float64
     assert math.isclose(float(1 - adapter.jnp.asarray(0.999) ** 3), 1 - 0.999**3, rel_tol=1e-15)
+
+
+# --------------------------------------------------------------------------- torchtune's DoRA
+
+
+@pytest.mark.compare
+def test_torchtune_dora_scales_the_bias_in_its_forward_but_not_in_its_merge() -> None:
+    for package in ("torch", "torchao", "torchtune"):
+        require(package)
+    from minilora.testing.adapters.torchtune_adapter import TorchtuneAdapter
+    from minilora.testing.variant_problems import make_dora_problem
+
+    adapter = TorchtuneAdapter()
+    p = make_dora_problem(lead=(3,), d_in=5, d_out=4, rank=2, alpha=4.0, seed=11)
+    n = np.linalg.norm(p.W + p.scale * (p.B @ p.A), axis=1)
+    c = p.magnitude / n
+    trained = adapter.dora_forward(p)
+    merged = adapter.dora_merge(p)["y"]
+    np.testing.assert_allclose(trained - merged, np.broadcast_to((c - 1) * p.b, trained.shape), atol=1e-12)
+    assert np.max(np.abs(trained - merged)) > 0.1  # the merged model is not the trained one
+
+    class PeftBias(TorchtuneAdapter):  # claims PEFT's unscaled bias
+        dora_bias = "peft"
+
+    props = ["dora_forward", "dora_grad_m", "dora_merge", "dora_merged_forward"]
+    honest = check(TorchtuneAdapter, dtypes=["float64"], properties=props, max_examples=2)
+    assert honest.passed, honest.failures()
+    lying = check(PeftBias, dtypes=["float64"], properties=props, max_examples=2)
+    assert {r.property for r in lying.results if not r.passed} == {"dora_forward", "dora_grad_m"}

@@ -39,7 +39,10 @@ missing one makes its rows "n/a"):
 and optionally the attributes ``name``, ``dtypes`` (default float64 and float32),
 ``features`` (a subset of ``FEATURES``: the layer options it supports; default all; without
 "scale" the cases have alpha = r, so s = 1, as for a layer with no alpha),
-``dora_features`` (the same for its DoRA layer; default ``features``), ``variant_dtypes`` (the
+``dora_features`` (the same for its DoRA layer; default ``features``), ``dora_bias`` (one of
+``DORA_BIAS``: "peft", the default, adds b after the DoRA factor; "scaled" computes
+c (x W^T + b) + ..., as torchtune's DoRALinear does, whose merge still leaves b unscaled),
+``variant_dtypes`` (the
 dtypes of its DoRA, embedding rows; default its ``dtypes`` that are float64 or float32: the
 variant bounds are derived for storage = computation, see ``minilora.testing.variant_bounds``),
 ``optimizer_features`` (a subset of ``OPTIMIZER_FEATURES``; an Adam case that needs a missing
@@ -77,6 +80,8 @@ __all__ = [
     "PRECISION_KEYS",
     "ADAM_EPS",
     "adapter_adam_eps",
+    "DORA_BIAS",
+    "adapter_dora_bias",
     "declared_precision",
     "adapter_optimizer_features",
     "BUILTIN",
@@ -107,6 +112,9 @@ INITS = ("kaiming", "gaussian", "normal", "he_uniform")
 # where Adam's eps goes: "torch" p -= lr/c1 m / (sqrt(v)/sqrt(c2) + eps) (torch.optim, optax);
 # "hat" p -= lr sqrt(c2)/c1 m / (sqrt(v) + eps) (Keras; torch's eps / sqrt(c2) at each step)
 ADAM_EPS = ("torch", "hat")
+# where DoRA's bias goes in the forward: "peft" y = c (x W^T + s (x A^T) B^T) + b (PEFT, the
+# paper: the bias is not part of the weight); "scaled" y = c (x W^T + b + s (x A^T) B^T) (torchtune)
+DORA_BIAS = ("peft", "scaled")
 DTYPE_NAMES = ("float64", "float32", "float16", "bfloat16")
 # what an adapter may declare about how it computes in each dtype (all default to that dtype,
 # bias_correction to float64): ``adapter`` the dtype its LoRA factors are stored and computed in
@@ -186,6 +194,10 @@ def adapter_dtypes(adapter: Any) -> tuple[str, ...]:
 
 def adapter_features(adapter: Any) -> frozenset:
     return frozenset(getattr(adapter, "features", FEATURES))
+
+
+def adapter_dora_bias(adapter: Any) -> str:
+    return str(getattr(adapter, "dora_bias", "peft"))
 
 
 def adapter_dora_features(adapter: Any) -> frozenset:
@@ -310,6 +322,8 @@ def _checked(obj: Any, target: str) -> Any:
             raise TargetError(f"{target}.{attr} lists unknown names {unknown}; valid: {', '.join(valid)}")
     if adapter_adam_eps(obj) not in ADAM_EPS:
         raise TargetError(f"{target}.adam_eps must be one of {', '.join(ADAM_EPS)}; got {obj.adam_eps!r}")
+    if adapter_dora_bias(obj) not in DORA_BIAS:
+        raise TargetError(f"{target}.dora_bias must be one of {', '.join(DORA_BIAS)}; got {obj.dora_bias!r}")
     for dt in adapter_dtypes(obj):
         try:
             declared = declared_precision(obj, dt)

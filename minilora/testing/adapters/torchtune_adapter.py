@@ -9,6 +9,15 @@ merge property loads that state dict into a plain ``nn.Linear``. It has no unmer
 "n/a"). Training goes through torchtune's own choice of trainable parameters
 (``set_trainable_params(model, get_adapter_params(model))``) and ``torch.optim``, which its
 recipes use. A is drawn by ``kaiming_uniform_(a=sqrt(5))``, as loralib and PEFT draw it.
+
+DoRA is ``DoRALinear`` with the problem's magnitude copied in. Its forward is
+c (F.linear(x, W, b)) + c s lora_b(lora_a(dropout(x))) with c = m / ||W + s B A||_row detached:
+the bias is scaled by c, where PEFT adds it after (declared: ``dora_bias = "scaled"``), while its
+merge (``get_merged_lora_ckpt``) scales only the weight, so torchtune's merged model differs from
+its trained one by (c - 1) b (``tests/testing/test_builtin_targets.py`` pins it). Under dropout its
+c multiplies the undropped base output, where PEFT's (c - 1) term sees the dropped x: dropout is
+left out of ``dora_features``. There is no DoRA unmerge, and no trainable(): torchtune trains its
+adapter parameters and never a bias, so PEFT's bias modes have no counterpart.
 """
 
 from __future__ import annotations
@@ -25,7 +34,15 @@ class TorchtuneAdapter(TorchBase):
 
     name = "torchtune"
     features = frozenset({"dropout", "no_bias", "scale"})
+    dora_features = frozenset({"no_bias", "scale"})
+    dora_bias = "scaled"
     inits = ("kaiming",)
+    known_differences = (
+        "DoRALinear scales the bias by c = m/||W + sBA|| in its forward but not in its merge (declared: "
+        "dora_bias 'scaled'; the merged model differs from the trained one by (c - 1) b)",
+        "DoRALinear under dropout scales the undropped base output by c (not declared: no DoRA dropout cases)",
+        "no fan_in_fan_out, no rsLoRA, no unmerge (LoRA or DoRA), no bias modes (not declared / n/a)",
+    )
 
     def __init__(self) -> None:
         super().__init__()
@@ -76,16 +93,19 @@ class TorchtuneAdapter(TorchBase):
                     "B": self.host(layer.lora_b.weight.grad)}
 
     def merge(self, problem: Any) -> dict:
-        nn: Any = self.torch.nn
         with self.one_thread(), self.torch.no_grad():
-            layer = self._problem_layer(problem, masked=False)  # a merge has no dropout
-            # a model's state dict, the layer named "layer" (copies: it merges in place)
-            state = {f"layer.{k}": v.detach().clone() for k, v in layer.state_dict().items()}
-            merged = self.tt.get_merged_lora_ckpt(state, rank=problem.rank, alpha=problem.alpha)
-            plain = nn.Linear(problem.d_in, problem.d_out, bias=problem.b is not None).to(self.tdtype(problem.dtype))
-            plain.load_state_dict({k.removeprefix("layer."): v for k, v in merged.items()})  # strict: W (and b) only
-            y = plain(self.tensor(problem.x, problem.dtype))
-            return {"W": self.host(plain.weight), "y": self.host(y)}
+            return self._merged(self._problem_layer(problem, masked=False), problem)  # a merge has no dropout
+
+    def _merged(self, layer: Any, problem: Any) -> dict:
+        """torchtune's merge of ``layer`` (LoRA or DoRA) loaded into a plain nn.Linear: W and y."""
+        nn: Any = self.torch.nn
+        # a model's state dict, the layer named "layer" (copies: it merges in place)
+        state = {f"layer.{k}": v.detach().clone() for k, v in layer.state_dict().items()}
+        merged = self.tt.get_merged_lora_ckpt(state, rank=problem.rank, alpha=problem.alpha)
+        plain = nn.Linear(problem.d_in, problem.d_out, bias=problem.b is not None).to(self.tdtype(problem.dtype))
+        plain.load_state_dict({k.removeprefix("layer."): v for k, v in merged.items()})  # strict: W (and b) only
+        y = plain(self.tensor(problem.x, problem.dtype))
+        return {"W": self.host(plain.weight), "y": self.host(y)}
 
     def adam(self, problem: Any) -> dict:
         d_out, rank = problem.B.shape
@@ -109,3 +129,36 @@ class TorchtuneAdapter(TorchBase):
         with self.one_thread(), self.seeded(seed), self.torch.no_grad():
             layer = self._layer(d_in=d_in, d_out=d_out, rank=rank, alpha=float(rank), bias=False, dtype="float32")
             return {"A": self.host(layer.lora_a.weight), "B": self.host(layer.lora_b.weight)}
+
+    # ------------------------------------------------------------ DoRA
+
+    def _dora_layer(self, p: Any) -> Any:
+        if p.fan_in_fan_out or p.rslora or p.mask is not None:
+            raise ValueError("torchtune's DoRALinear is checked without fan_in_fan_out, rsLoRA and dropout")
+        dt = self.tdtype(p.dtype)
+        layer = self.tt.DoRALinear(p.d_in, p.d_out, rank=p.rank, alpha=p.alpha, use_bias=p.b is not None).to(dt)
+        with self.torch.no_grad():
+            layer.weight.copy_(self.tensor(p.W, dt))
+            if p.b is not None:
+                layer.bias.copy_(self.tensor(p.b, dt))
+            layer.lora_a.weight.copy_(self.tensor(p.A, dt))
+            layer.lora_b.weight.copy_(self.tensor(p.B, dt))
+            layer.magnitude.copy_(self.tensor(p.magnitude, dt))
+        return layer
+
+    def dora_forward(self, problem: Any) -> Any:
+        with self.one_thread(), self.torch.no_grad():
+            return self.host(self._dora_layer(problem)(self.tensor(problem.x, problem.dtype)))
+
+    def dora_grads(self, problem: Any) -> dict:
+        with self.one_thread():
+            layer = self._dora_layer(problem)
+            x = self.tensor(problem.x, problem.dtype, requires_grad=True)
+            y = layer(x)
+            y.backward(self.tensor(problem.cotangent, y.dtype))
+            return {"x": self.host(x.grad), "A": self.host(layer.lora_a.weight.grad),
+                    "B": self.host(layer.lora_b.weight.grad), "m": self.host(layer.magnitude.grad)}
+
+    def dora_merge(self, problem: Any) -> dict:
+        with self.one_thread(), self.torch.no_grad():
+            return self._merged(self._dora_layer(problem), problem)
