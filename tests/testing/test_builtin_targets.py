@@ -103,6 +103,21 @@ def test_keras_keeps_the_lora_factors_float32_under_a_float64_layer() -> None:
 
 
 @pytest.mark.compare
+def test_keras_lora_layers_keep_their_bias_trainable() -> None:
+    keras = _keras_adapter()().keras
+    layer = keras.layers.Dense(3)
+    layer.build((None, 4))
+    layer.enable_lora(2)
+    assert sorted(v.path.split("/")[-1] for v in layer.trainable_variables) == ["bias", "lora_kernel_a",
+                                                                              "lora_kernel_b"]
+    emb = keras.layers.Embedding(5, 3)
+    emb.build()
+    emb.enable_lora(2)
+    assert sorted(v.path.split("/")[-1] for v in emb.trainable_variables) == ["lora_embeddings_a",
+                                                                            "lora_embeddings_b"]
+
+
+@pytest.mark.compare
 def test_keras_runs_float64_matmuls_in_float32() -> None:
     KerasAdapter = _keras_adapter()
     keras, torch = KerasAdapter().keras, KerasAdapter().torch

@@ -27,6 +27,10 @@ What Keras does, and what the adapter declares:
 - A is drawn from he_uniform, U(+-sqrt(6 / d_in)) (``inits``).
 - The merge is what ``save_own_variables`` stores (the merged kernel, as ``model.save`` does),
   loaded into a plain Dense; there is no unmerge.
+- ``Embedding.enable_lora``: the table W (num, dim) plus (alpha/r) a b with a = A^T (num, r),
+  b = B^T (r, dim), merged into the whole table at every call, then gathered; merged through
+  ``save_own_variables`` too. Its rows run in float32 only (``variant_dtypes``): under a float64
+  table the factors are float32 again, which the variant bounds do not model.
 """
 
 from __future__ import annotations
@@ -69,6 +73,7 @@ class KerasAdapter(TorchBase):
     optimizer_features = frozenset({"amsgrad", "decoupled"})
     adam_eps = "hat"
     inits = ("he_uniform",)
+    variant_dtypes = ("float32",)
     precision = {"float64": {"adapter": "float32", "accumulate": "float32", "bias_correction": "float32"},
                  "float32": {"bias_correction": "float32"}}
     known_differences = (
@@ -78,6 +83,8 @@ class KerasAdapter(TorchBase):
         "Adam's 1 - beta^t is computed in float32 (declared: bias_correction float32)",
         "A is drawn from he_uniform, U(+-sqrt(6/d_in)) (declared: inits)",
         "no L2 decay, no maximize, no dropout, no rsLoRA, no unmerge (not declared: not covered / n/a)",
+        "a LoRA Dense keeps its bias trainable (PEFT's bias='lora_only'); no bias modes, no DoRA (n/a)",
+        "Embedding LoRA rows in float32 only (float32 factors under a float64 table: not modelled)",
     )
 
     def __init__(self) -> None:
@@ -167,3 +174,40 @@ class KerasAdapter(TorchBase):
         finally:
             random.setstate(state[0])
             np.random.set_state(state[1])
+
+    # ------------------------------------------------------------ embedding
+
+    def _embedding(self, p: Any, lora: bool = True) -> Any:
+        if p.rslora:
+            raise ValueError("Keras' LoRA has no rsLoRA")
+        layer = self.keras.layers.Embedding(p.num_embeddings, p.dim, dtype=p.dtype)
+        layer.build()
+        layer.embeddings.assign(self.tensor(p.W, p.dtype))
+        if lora:
+            layer.enable_lora(p.rank, lora_alpha=p.alpha)
+            layer.lora_embeddings_a.assign(self.tensor(p.A.T, "float32"))  # (num, r)
+            layer.lora_embeddings_b.assign(self.tensor(p.B.T, "float32"))  # (r, dim)
+        return layer
+
+    def _ids(self, p: Any) -> Any:
+        return self.torch.from_numpy(np.asarray(p.ids, dtype=np.int64).copy())
+
+    def embedding_forward(self, problem: Any) -> Any:
+        with self.one_thread(), self.torch.no_grad():
+            return self.host(self._embedding(problem)(self._ids(problem)))
+
+    def embedding_grads(self, problem: Any) -> dict:
+        with self.one_thread():
+            layer = self._embedding(problem)
+            y = layer(self._ids(problem))
+            y.backward(self.tensor(problem.cotangent, y.dtype))
+            a, b = layer.lora_embeddings_a.value.grad, layer.lora_embeddings_b.value.grad
+            return {"A": self.host(a).T, "B": self.host(b).T}
+
+    def embedding_merge(self, problem: Any) -> dict:
+        with self.one_thread(), self.torch.no_grad():
+            store: dict = {}
+            self._embedding(problem).save_own_variables(store)  # the merged table, as model.save stores it
+            plain = self._embedding(problem, lora=False)
+            plain.load_own_variables(store)
+            return {"W": self.host(plain.embeddings.value), "y": self.host(plain(self._ids(problem)))}
