@@ -8,7 +8,7 @@ import pytest
 from helpers import peft_modules
 
 from minilora.peft.merge import _linear
-from minilora.peft.product import sum_error_bound, torch_order_entries, torch_order_matmul
+from minilora.peft.product import fma_chain, sum_error_bound, torch_order_entries, torch_order_matmul
 
 
 def _differing(x: np.ndarray, y: np.ndarray) -> int:
@@ -36,15 +36,20 @@ def test_torch_order_matmul_equals_torch_bit_for_bit(shape: tuple[int, int, int]
 
 
 @pytest.mark.compare
-def test_numpy_blas_order_differs_at_real_size() -> None:
-    """Why the module exists: NumPy's B @ A is not torch's at (2048, 16) x (16, 2048), but both
-    stay within sum_error_bound of each other."""
+def test_another_summation_order_differs_at_real_size() -> None:
+    """Why the module exists: a float32 B @ A summed in another order (here the same FMA chain
+    over k reversed) is not torch's at (2048, 16) x (16, 2048), though both stay within
+    sum_error_bound of each other; NumPy's own product stays within it too. (Whether NumPy's BLAS
+    sums like torch depends on the CPU: OpenBLAS's AVX-512 kernels do, its AVX2 kernels do not.)"""
     torch, _ = peft_modules()
     gen = torch.Generator().manual_seed(3)
     B, A = torch.randn(2048, 16, generator=gen) * 0.02, torch.randn(16, 2048, generator=gen) * 0.02
-    expected, plain = (B @ A).numpy(), B.numpy() @ A.numpy()
-    assert _differing(plain, expected) > 0
-    assert float(np.max(np.abs(plain.astype(np.float64) - expected))) <= sum_error_bound(B.numpy(), A.numpy())
+    expected = (B @ A).numpy()
+    bound = sum_error_bound(B.numpy(), A.numpy())
+    reversed_chain = fma_chain(np.ascontiguousarray(B.numpy()[:, ::-1]), np.ascontiguousarray(A.numpy()[::-1]))
+    assert _differing(reversed_chain, expected) > 0
+    for other in (reversed_chain, B.numpy() @ A.numpy()):
+        assert float(np.max(np.abs(other.astype(np.float64) - expected))) <= bound
 
 
 @pytest.mark.compare
