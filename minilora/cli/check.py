@@ -102,6 +102,8 @@ def _declared_line(declared: dict) -> str:
             parts.append(f"{dt}: " + ", ".join(bits))
     if declared.get("adam_eps", "torch") != "torch":
         parts.append(f"Adam eps {declared['adam_eps']} (eps added to sqrt(v) before the bias correction)")
+    if declared.get("dora_bias", "peft") != "peft":
+        parts.append(f"DoRA bias {declared['dora_bias']} (the forward scales b by m/||W + sBA||)")
     line = "; ".join(parts)
     known = declared.get("known_differences") or []
     if known:

@@ -38,6 +38,7 @@ from minilora.testing.adam_check import run_adam
 from minilora.testing.adapters import (
     VARIANT_METHODS,
     adapter_adam_eps,
+    adapter_dora_bias,
     adapter_dtypes,
     adapter_features,
     adapter_optimizer_features,
@@ -309,6 +310,7 @@ def _declared(adapter: Any) -> dict:
         "features": sorted(adapter_features(adapter)),
         "optimizer_features": sorted(adapter_optimizer_features(adapter)),
         "adam_eps": adapter_adam_eps(adapter),
+        "dora_bias": adapter_dora_bias(adapter),
         "inits": list(getattr(adapter, "inits", ())),
         "methods": [m for m in ("forward", "grads", "merge", "unmerge", "adam", "init", *VARIANT_METHODS)
                     if has_method(adapter, m)],

@@ -34,7 +34,7 @@ TARGETS = {
     "keras": (("torch", "keras"), {"unmerge", "trainable"} | DORA,
               ["float64: adapter float32, accumulate float32, bias_correction float32", "Adam eps hat"]),
     "torchtune": (("torch", "torchao", "torchtune"), {"unmerge", "dora_unmerge", "trainable"} | EMBEDDING,
-                  ["float16: accumulate float32"]),
+                  ["float16: accumulate float32", "DoRA bias scaled"]),
 }
 DTYPES = {"flax": ["float64"], "keras": ["float64", "float32"],
           "torchtune": ["float64", "float32", "float16", "bfloat16"]}
