@@ -257,8 +257,13 @@ def test_flax_adam_without_x64_would_compute_the_bias_correction_in_float32() ->
     # which the adapter turns on (without it the float32 rounding is the false alarm)
     adapter = _flax()
     assert adapter.jax.config.read("jax_enable_x64") is True
-    assert adapter.jnp.asarray(0.999).dtype == np.float64
-    assert math.isclose(float(1 - adapter.jnp.asarray(0.999) ** 3), 1 - 0.999**3, rel_tol=1e-15)
+    count = adapter.jnp.asarray(3, adapter.jnp.int32)  # optax's step count
+    assert (1 - 0.999**count).dtype == np.float64  # optax.tree.bias_correction's 1 - decay**count
+    assert math.isclose(float(1 - 0.999**count), 1 - 0.999**3, rel_tol=1e-15)
+    code = "import jax.numpy as jnp; print((1 - 0.999 ** jnp.asarray(3, jnp.int32)).dtype)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         env={k: v for k, v in os.environ.items() if k != "JAX_ENABLE_X64"})
+    assert out.stdout.strip() == "float32", out.stdout + out.stderr  # JAX's default: x64 off
 
 
 # --------------------------------------------------------------------------- torchtune's DoRA
