@@ -37,7 +37,8 @@ STRICT = os.environ.get("CI", "").lower() in ("1", "true", "yes") or os.environ.
 # The frameworks of the `compare` extra. A test that uses one must be marked `compare`, so that
 # the core-only loop (`pytest -m "not compare and not slow"`) never needs them; `require` checks
 # the mark of the running test (set by the autouse fixture in conftest.py).
-COMPARE_FRAMEWORKS = frozenset({"torch", "peft", "loralib", "bitsandbytes", "transformers"})
+COMPARE_FRAMEWORKS = frozenset({"torch", "peft", "loralib", "bitsandbytes", "transformers", "jax", "flax", "optax",
+                                "keras", "torchtune", "torchao"})
 CURRENT_TEST: list[Any] = []  # the running test item, while one runs
 
 
@@ -104,7 +105,7 @@ def assert_one_line_error(out: subprocess.CompletedProcess, *fragments: str) -> 
 TINY = np.finfo(np.float64).tiny
 
 
-D, VOCAB = 12, 20
+D, VOCAB = 16, 32  # multiples of 16: shapes whose torch product order minilora reproduces (peft.product)
 
 
 def rel_err(actual: Any, expected: Any, magnitude: Any = None) -> float:

@@ -101,6 +101,10 @@ def _declared_line(declared: dict) -> str:
         bits = [f"{k} {v}" for k, v in prec.items() if v != (dt if k != "bias_correction" else "float64")]
         if bits:
             parts.append(f"{dt}: " + ", ".join(bits))
+    if declared.get("adam_eps", "torch") != "torch":
+        parts.append(f"Adam eps {declared['adam_eps']} (eps added to sqrt(v) before the bias correction)")
+    if declared.get("dora_bias", "peft") != "peft":
+        parts.append(f"DoRA bias {declared['dora_bias']} (the forward scales b by m/||W + sBA||)")
     line = "; ".join(parts)
     known = declared.get("known_differences") or []
     if known:

@@ -19,6 +19,8 @@ def register(sub: Any) -> None:
                        "written).")
     p.add_argument("adapter", metavar="ADAPTER_DIR")
     p.add_argument("--base", metavar="BASE", help="a .safetensors file, sharded index or model folder to check against")
+    p.add_argument("--allow-inexact", action="store_true", help="with --base: as merge --allow-inexact (modules "
+                   "whose bit-equality with PEFT is not guaranteed count as merged, not refused)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=run)
 
@@ -30,7 +32,7 @@ def run(args: argparse.Namespace) -> int:
     adapter, sources = load_for_merge(args.adapter)
     info = describe(adapter)
     if args.base is not None:
-        info["base"] = check_against_base(adapter, sources, args.base)
+        info["base"] = check_against_base(adapter, sources, args.base, allow_inexact=args.allow_inexact)
     if args.json:
         print(json.dumps(info, indent=2))
         return 1 if args.base is not None and info["base"]["refused"] else 0
@@ -52,7 +54,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"against {args.base}:")
     for r in b["merged"]:
         how = "Conv1D (fan_in_fan_out)" if r["fan_in_fan_out"] and r["kind"] == "linear" else r["kind"]
-        print(f"  merge    {r['module']:<40} -> {r['tensor']} ({how}, from {r['orientation_from']})")
+        inexact = "" if r["bit_equal"] else f"; not bit-equal to PEFT: {r['not_bit_equal_why']}"
+        print(f"  merge    {r['module']:<40} -> {r['tensor']} ({how}, from {r['orientation_from']}{inexact})")
     for r in b["replaced"]:
         print(f"  copy     {r['tensor']:<40} ({r['from']})")
     for r in b["refused"]:

@@ -39,6 +39,10 @@ def register(sub: Any) -> None:
     p.add_argument("--unmerge", action="store_true", help="subtract the adapter instead (BASE is a merged file)")
     p.add_argument("--scale", type=float, default=1.0, help="multiply every module's alpha/r by this (default 1)")
     p.add_argument("--dtype", choices=sorted(DTYPE_NAMES), help="cast every float tensor of OUT to this dtype")
+    p.add_argument("--allow-inexact", action="store_true",
+                   help="merge modules whose bit-equality with PEFT is not guaranteed (a product shape whose torch "
+                   "summation order minilora does not reproduce; refused without this flag) and list them in the "
+                   "summary (--json: not_bit_equal)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(func=run)
 
@@ -74,7 +78,8 @@ def run(args: argparse.Namespace) -> int:
     with signals_exit():
         try:
             summary = merge_checkpoint(args.base, args.adapter, args.out, unmerge=args.unmerge, scale=args.scale,
-                                       dtype=args.dtype, progress=progress if bar.enabled else None)
+                                       dtype=args.dtype, allow_inexact=args.allow_inexact,
+                                       progress=progress if bar.enabled else None)
         finally:
             bar.close()
     if args.json:
@@ -89,5 +94,11 @@ def run(args: argparse.Namespace) -> int:
               f"scale={row['scale']:<10.6g} {row['dtype']}{extra}")
     for row in summary["replaced"]:
         print(f"  {row['tensor']:<40} copied from the adapter ({row['from']})")
+    reasons: dict[str, list[str]] = {}
+    for row in summary["not_bit_equal"]:
+        reasons.setdefault(row["why"], []).append(row["tensor"])
+    for why, names in reasons.items():
+        what = names[0] if len(names) == 1 else f"{len(names)} tensors ({names[0]}, ...)"
+        print(f"  {what:<40} not guaranteed bit-equal to PEFT: {why}")
     sys.stdout.flush()
     return 0

@@ -31,14 +31,16 @@ def describe(adapter: Any) -> dict:
             "extra_tensors": sorted(adapter.extra), "total_params": sum(r["params"] for r in rows) + extra}
 
 
-def check_against_base(adapter: Any, sources: dict, base: str | os.PathLike) -> dict:
+def check_against_base(adapter: Any, sources: dict, base: str | os.PathLike, *, allow_inexact: bool = False) -> dict:
     """{"merged": [row per module that would merge], "replaced": [{"tensor", "from"}],
     "refused": [{"module", "reason"}]}: the merge's plan against ``base`` (file, index or model
-    folder), every refusal collected instead of stopping at the first. Reads headers only."""
+    folder), every refusal collected instead of stopping at the first (``allow_inexact`` as for
+    the merge). Reads headers only."""
     from minilora.formats.checkpoint import open_checkpoint
     from minilora.peft.merge_plan import make_plan
 
     ckpt = open_checkpoint(base)
-    plan = make_plan(adapter, sources, ckpt.entries, os.fspath(base), ckpt.config, collect=True)
+    plan = make_plan(adapter, sources, ckpt.entries, os.fspath(base), ckpt.config, collect=True,
+                     allow_inexact=allow_inexact)
     replaced = [{"tensor": b, "from": j.why} for b, j in plan.jobs.items() if j.replace is not None]
     return {"merged": plan.rows, "replaced": replaced, "refused": plan.refused}

@@ -21,6 +21,10 @@ even on the float32 bits, ``minilora.formats.rounding``). Exception, as in PEFT:
 embedding, and for every unmerge, PEFT first rounds the delta to the base dtype and then adds
 in that dtype, so float16/bfloat16 results are rounded twice there; minilora does the same.
 ``dtype`` casts every float tensor of the output afterwards (PEFT's merged model ``.to(dtype)``).
+Every float32 product B A (Linear, embedding, unmerge) is summed in torch's order
+(``minilora.peft.product``); a module whose product shape torch sums in an order minilora does not
+reproduce is refused before anything is read, unless ``allow_inexact`` (the summary then lists it
+under ``not_bit_equal``).
 
 Inputs and outputs (``minilora.formats.checkpoint``): BASE is a file, an index or a model folder;
 OUT is a file (every tensor in one) or a folder that becomes a loadable model (the same shards
@@ -53,7 +57,7 @@ from minilora.peft.merge_plan import FLOAT, Job, MergeError, load_for_merge, mak
 from minilora.peft.product import torch_order_matmul
 from minilora.peft.rounded_merge import rounded_linear_merge
 
-__all__ = ["merge_adapter_file", "merge_checkpoint", "check_outputs", "MergeError", "DTYPE_NAMES"]
+__all__ = ["merge_adapter_file", "merge_checkpoint", "check_outputs", "delta_weight", "MergeError", "DTYPE_NAMES"]
 
 DTYPE_NAMES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64"}
 _TORCH_NAME = {v: k for k, v in DTYPE_NAMES.items()}
@@ -126,20 +130,25 @@ def check_outputs(out: str, ckpt: Checkpoint, adapter_dir: str) -> list[str]:
 
 def merge_adapter_file(base: str | os.PathLike, adapter_dir: str | os.PathLike, out: str | os.PathLike, *,
                        unmerge: bool = False, scale: float = 1.0, dtype: str | None = None,
-                       _on_tensor: Any = None) -> list[dict]:
+                       allow_inexact: bool = False, _on_tensor: Any = None) -> list[dict]:
     """Write ``out`` (a .safetensors file or a model folder): the checkpoint ``base`` with the
     PEFT adapter in ``adapter_dir`` merged in (or taken out, ``unmerge=True``); ``scale``
     multiplies every module's alpha/r. Returns one summary dict per merged module: {"module",
-    "tensor", "kind", "rank", "alpha", "scale", "dtype", "dora", "fan_in_fan_out", ...}."""
+    "tensor", "kind", "rank", "alpha", "scale", "dtype", "dora", "fan_in_fan_out", "bit_equal",
+    "not_bit_equal_why", ...}. A module whose bit-equality with PEFT cannot be guaranteed (torch's
+    summation order of its product not reproduced, ``minilora.peft.product``) is refused with
+    MergeError unless ``allow_inexact``."""
     return merge_checkpoint(base, adapter_dir, out, unmerge=unmerge, scale=scale, dtype=dtype,
+                            allow_inexact=allow_inexact,
                             progress=_on_tensor and (lambda name, done, total: _on_tensor(name)))["modules"]
 
 
 def merge_checkpoint(base: str | os.PathLike, adapter_dir: str | os.PathLike, out: str | os.PathLike, *,
                      unmerge: bool = False, scale: float = 1.0, dtype: str | None = None,
-                     progress: Any = None) -> dict:
+                     allow_inexact: bool = False, progress: Any = None) -> dict:
     """``merge_adapter_file`` returning the whole summary: {"out", "files", "modules",
-    "replaced": [{"tensor", "from"}], "tensors", "bytes"}. ``progress(name, bytes done, bytes total)``
+    "replaced": [{"tensor", "from"}], "not_bit_equal": [{"tensor", "module", "why"}] (the tensors
+    not guaranteed to equal PEFT's bits), "tensors", "bytes"}. ``progress(name, bytes done, bytes total)``
     is called after each tensor is read."""
     base, out, adapter_dir = os.fspath(base), os.fspath(out), os.fspath(adapter_dir)
     if not math.isfinite(scale):
@@ -154,7 +163,7 @@ def merge_checkpoint(base: str | os.PathLike, adapter_dir: str | os.PathLike, ou
         raise MergeError(f"OUT must differ from BASE ({base}): the merge streams from BASE while writing OUT")
     ckpt = open_checkpoint(base)
     paths = check_outputs(out, ckpt, adapter_dir)
-    plan = make_plan(adapter, sources, ckpt.entries, base, ckpt.config, unmerge=unmerge)
+    plan = make_plan(adapter, sources, ckpt.entries, base, ckpt.config, unmerge=unmerge, allow_inexact=allow_inexact)
     created = _is_folder(out) and not os.path.isdir(out)
     if _is_folder(out):
         os.makedirs(out, exist_ok=True)
@@ -183,8 +192,10 @@ def merge_checkpoint(base: str | os.PathLike, adapter_dir: str | os.PathLike, ou
         raise
     rows = [{**r, "scale": r["scale"] * scale} for r in plan.rows]
     replaced = [{"tensor": b, "from": j.why} for b, j in plan.jobs.items() if j.replace is not None]
+    inexact = [{"tensor": r["tensor"], "module": r["module"], "why": r["not_bit_equal_why"]} for r in rows
+               if not r["bit_equal"]]
     return {"out": out, "files": paths, "unmerge": unmerge, "dtype": dtype, "modules": rows, "replaced": replaced,
-            "tensors": len(ckpt.entries), "bytes": total}
+            "not_bit_equal": inexact, "tensors": len(ckpt.entries), "bytes": total}
 
 
 def _write_file(dst: Any, shards: list, plan: Any, adapter: Any, scale: float, unmerge: bool, target: str | None,
@@ -267,15 +278,29 @@ def _apply(adapter: Any, job: Job, name: str, raw: np.ndarray, kind: str, scale:
             embedding = adapter.kinds.get(module) == "embedding"
             if not (embedding or unmerge or "m" in t):  # the common case: (B A) s + W, one rounding
                 return _linear(module, name, value, t["B"], t["A"], cd.type(s), job.fan_in_fan_out, kind)
-            else:
+            elif "m" not in t:
                 # PEFT rounds the delta to the base dtype before adding it for embeddings and for
-                # unmerge (``delta.to(orig_dtype)``), not for a Linear merge (``weight.data += delta``)
-                rounds = kind in ("F16", "BF16") and (embedding or unmerge) and "m" not in t
+                # unmerge (``delta.to(orig_dtype)``), not for a Linear merge (``weight.data += delta``);
+                # the product B A in torch's order (float32), transposed for fan_in_fan_out
+                delta = delta_weight(t["B"].astype(cd), t["A"].astype(cd), cd.type(s), job.fan_in_fan_out, kind)
+                new = value - delta if unmerge else value + delta
+            else:
                 new = merge_weight(value, t["A"].astype(cd), t["B"].astype(cd), scale=cd.type(s),
-                                   fan_in_fan_out=job.fan_in_fan_out, unmerge=unmerge,
-                                   magnitude=t["m"].astype(cd) if "m" in t else None,
-                                   round_delta=(lambda d: _to_compute(_from_compute(d, kind), kind)) if rounds else None)
+                                   fan_in_fan_out=job.fan_in_fan_out, magnitude=t["m"].astype(cd))
     return _checked(module, name, new, _from_compute(new, kind), kind)
+
+
+def delta_weight(B: np.ndarray, A: np.ndarray, s: Any, fan_in_fan_out: bool, kind: str) -> np.ndarray:
+    """PEFT's ``get_delta_weight`` ``transpose(B @ A, fan_in_fan_out) * s`` in the compute dtype
+    (the product in torch's order for float32), rounded to ``kind`` and back for float16/bfloat16
+    (``delta.to(orig_dtype)``), with torch's bits. B (d_out, r), A (r, d_in) -> (d_out, d_in)
+    ((d_in, d_out) for fan_in_fan_out). (The rounded Linear merge's recomputation near rounding
+    boundaries does not pay here: without W the delta's sums are small against their error bound,
+    and at 2048 x 16 x 2048 it recomputed 19% of a float16 delta (3.5% of a bfloat16 one), several times the whole product's
+    cost.)"""
+    P = torch_order_matmul(B, A) if B.dtype == np.float32 else np.matmul(B, A)
+    delta = np.multiply(P.T if fan_in_fan_out else P, s, order="C")
+    return _to_compute(_from_compute(delta, kind), kind) if kind in ("F16", "BF16") else delta
 
 
 def _linear(module: str, name: str, value: np.ndarray, B: np.ndarray, A: np.ndarray, s: Any, fifo: bool,

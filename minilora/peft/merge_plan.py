@@ -16,6 +16,12 @@ Key prefixes: a module's tensor is looked up as named, without its first compone
 (``transformer.h.0`` -> ``h.0``, the hub's GPT-2 layout) and under each first component of the
 base's own names (``model.`` + name); two hits are refused by name.
 
+Bit-equality with PEFT (``minilora.peft.product``): a LoRA or embedding module into a float32,
+float16 or bfloat16 tensor gets PEFT's bits where torch's summation order of its product B A is
+reproduced (``product.order_problem``); elsewhere it is refused, naming the module, its rank and
+why, unless ``allow_inexact`` (then the row says ``"bit_equal": false`` and why). DoRA (the norm
+is summed in another order: equal to rounding) and float64 (NumPy's product) rows say so too.
+
 Saved tensors other than LoRA factors replace the base tensor before the merge, as
 ``PeftModel.from_pretrained`` loads them over the base's: ``<m>.base_layer.weight``
 (``save_embedding_layers``), the modules of ``modules_to_save`` (saved whole), and the biases of
@@ -25,6 +31,7 @@ Saved tensors other than LoRA factors replace the base tensor before the merge, 
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -41,8 +48,9 @@ from minilora.peft.files import (
     _split_key,
     check_config,
 )
+from minilora.peft.product import order_problem
 
-__all__ = ["CONV1D", "MergeError", "Plan", "load_for_merge", "make_plan"]
+__all__ = ["CONV1D", "MergeError", "Plan", "inexact_reason", "load_for_merge", "make_plan"]
 
 FLOAT = ("F64", "F32", "F16", "BF16")
 _CONV1D_NAMES = frozenset({"c_attn", "q_attn", "c_proj", "c_fc"})
@@ -110,8 +118,11 @@ def load_for_merge(folder: str | os.PathLike) -> tuple[PeftAdapter, dict[str, st
             if kind is not None and kinds.setdefault(module, kind) != kind:
                 raise PeftFileError(f"{wpath}: module {module!r} has both linear and embedding LoRA tensors")
             continue
-        owner = module.rsplit(".", 1)[0]
-        if any(owner == s or owner.endswith("." + s) for s in saved):
+        # a module of modules_to_save is saved whole, submodules included (RoBERTa's classifier
+        # holds dense and out_proj): any module above the tensor may be the one named
+        parts = module.split(".")[:-1]
+        owners = [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
+        if any(o == s or o.endswith("." + s) for o in owners for s in saved):
             source = "modules_to_save"
         elif ".base_layer." in module and module.endswith(".weight"):
             source = "saved base layer"
@@ -144,6 +155,13 @@ def resolve(name: str, entries: dict, prefixes: list[str], where: str) -> str | 
     return hits[0] if hits else None
 
 
+def _shard_hint(where: str) -> str:
+    if re.search(r"-\d+-of-\d+\.safetensors$", where):
+        return (" (BASE is one shard of a sharded checkpoint: pass its folder or its model.safetensors.index.json "
+                "to merge the whole model)")
+    return ""
+
+
 def _layer_types(config: dict | None) -> frozenset[str] | None:
     """The Conv1D leaf names of the base's model type, or None when the type is not known."""
     if not config or not isinstance(config.get("model_type"), str) or config.get("auto_map"):
@@ -174,10 +192,30 @@ def _orientation(module: str, wname: str, shape: tuple, A: np.ndarray, B: np.nda
     return flag, "adapter config"
 
 
+def inexact_reason(module: str, t: dict, kind: str, *, allow_inexact: bool = False) -> str | None:
+    """None when the merge of ``module`` (factors ``t``) into a ``kind`` tensor has PEFT's bits;
+    else why not. Raises MergeError where bit-equality would be expected but the product order is
+    not reproduced, unless ``allow_inexact``."""
+    if "m" in t:
+        return "DoRA: the weight norm is summed in another order than torch's (equal to rounding)"
+    if kind == "F64":
+        return "float64: NumPy's product, not torch's summation order (equal to rounding)"
+    A, B = t["A"], t["B"]
+    r = int(A.shape[0])
+    problem = order_problem(int(B.shape[0]), r, int(A.shape[1]))
+    if problem is None:
+        return None
+    if not allow_inexact:
+        raise MergeError(f"module {module!r} (r={r}): {problem}, so its merge could differ from PEFT's in the last "
+                         "bits; pass --allow-inexact (allow_inexact=True) to merge it anyway")
+    return problem
+
+
 def make_plan(adapter: PeftAdapter, sources: dict[str, str], entries: dict, where: str, config: dict | None, *,
-              unmerge: bool = False, collect: bool = False) -> Plan:
+              unmerge: bool = False, collect: bool = False, allow_inexact: bool = False) -> Plan:
     """Check every adapter module and saved tensor against the base's ``entries`` and decide what
-    happens to each base tensor. ``collect``: record refusals in ``plan.refused`` instead of raising."""
+    happens to each base tensor. ``collect``: record refusals in ``plan.refused`` instead of raising.
+    ``allow_inexact``: merge modules whose bit-equality with PEFT is not guaranteed (module doc)."""
     plan = Plan()
     prefixes = _prefixes(entries)
     conv1d = _layer_types(config)
@@ -199,7 +237,8 @@ def make_plan(adapter: PeftAdapter, sources: dict[str, str], entries: dict, wher
             tie_check(name.rsplit(".", 1)[0])
             base = resolve(name, entries, prefixes, where)
             if base is None:
-                raise MergeError(f"adapter tensor {name!r} ({sources[name]}) matches no tensor in {where}")
+                raise MergeError(f"adapter tensor {name!r} ({sources[name]}) matches no tensor in {where}"
+                                 + _shard_hint(where))
             if tuple(entries[base][1]) != value.shape:
                 raise ShapeError(f"adapter tensor {name!r} ({sources[name]}) has shape {value.shape} but {where} has "
                                  f"{base!r} of shape {tuple(entries[base][1])}")
@@ -222,7 +261,7 @@ def make_plan(adapter: PeftAdapter, sources: dict[str, str], entries: dict, wher
                 near = [n for n in entries if n.endswith(module.rsplit(".", 1)[-1] + ".weight")][:3]
                 hint = " (tied to the input embeddings, so not saved?)" if module.rsplit(".", 1)[-1] == "lm_head" else ""
                 raise MergeError(f"adapter module {module!r} matches no tensor in {where}: {module + '.weight'!r} is "
-                                 f"missing{hint}" + (f" (similar: {near})" if near else ""))
+                                 f"missing{hint}" + (f" (similar: {near})" if near else "") + _shard_hint(where))
             kind, shape = entries[wname][0], entries[wname][1]
             if kind not in FLOAT:
                 raise MergeError(f"module {module!r}: base tensor {wname!r} has dtype {kind}, which minilora merge "
@@ -238,6 +277,7 @@ def make_plan(adapter: PeftAdapter, sources: dict[str, str], entries: dict, wher
             if "m" in t and unmerge:
                 raise MergeError(f"module {module!r}: a DoRA merge cannot be undone from the merged weight alone "
                                  "(PEFT keeps the weight norm in memory); --unmerge is not supported for DoRA")
+            inexact = inexact_reason(module, t, kind, allow_inexact=allow_inexact)
             jobs = {wname: Job(module, "weight", fifo, replaced.get(wname), why)}
             if "lora_bias" in t:
                 bname = wname[: -len("weight")] + "bias"
@@ -249,7 +289,8 @@ def make_plan(adapter: PeftAdapter, sources: dict[str, str], entries: dict, wher
                               "rank": adapter.rank(module), "alpha": adapter.alpha(module),
                               "scale": adapter.scale(module), "dtype": kind, "dora": "m" in t,
                               "fan_in_fan_out": fifo, "orientation_from": why,
-                              "base_replaced": wname in replaced})
+                              "base_replaced": wname in replaced, "bit_equal": inexact is None,
+                              "not_bit_equal_why": inexact})
         except MiniLoraValueError as exc:
             refuse(module, exc)
     return plan

@@ -18,11 +18,11 @@ them inside pytest.
 
 from __future__ import annotations
 
+from minilora.testing.adam_tolerance import adam_bounds
 from minilora.testing.compare import Comparison, ToleranceError, assert_lora_close, compare
 from minilora.testing.tolerance import (
     SAFETY,
     UNIT_ROUNDOFF,
-    adam_bounds,
     dot_bound,
     dtype_name,
     gamma,

@@ -72,11 +72,13 @@ def _restrict(spec: dict, features: frozenset) -> dict:
         spec["dropout"] = None
     if "no_bias" not in features:
         spec["bias"] = True
+    if "scale" not in features:  # a layer without alpha: scale 1
+        spec["alpha"], spec["rslora"] = float(spec["rank"]), False
     return spec
 
 
-def edge_problems(dtype: str, features: frozenset = frozenset({"fan_in_fan_out", "rslora", "dropout", "no_bias"})
-                  ) -> list[LoraProblem]:
+def edge_problems(dtype: str, features: frozenset = frozenset({"fan_in_fan_out", "rslora", "dropout", "no_bias",
+                                                               "scale"})) -> list[LoraProblem]:
     """The fixed edge cases in ``dtype``, with unsupported options switched off."""
     return [make_problem(**_restrict(spec, features), dtype=dtype) for spec in EDGE_CASES]
 
@@ -93,10 +95,12 @@ def layer_problems(dtype: str, features: frozenset, count: int, seed: int) -> li
         return None if name in features else False
 
     strategy = lora_problems(
-        [dtype], fan_in_fan_out=fixed("fan_in_fan_out"), rslora=fixed("rslora"), dropout=fixed("dropout"),
-        bias=None if "no_bias" in features else True,
+        [dtype], fan_in_fan_out=fixed("fan_in_fan_out"), rslora=fixed("rslora" if "scale" in features else ""),
+        dropout=fixed("dropout"), bias=None if "no_bias" in features else True,
     )
     drawn = sample(strategy, count, dtype_seed(seed, dtype)) if count else []
+    if "scale" not in features:  # a layer without alpha: scale 1
+        drawn = [replace(p, alpha=float(p.rank)) for p in drawn]
     return [relabel(p, f"hypothesis #{i + 1}") for i, p in enumerate(drawn)]
 
 

@@ -12,7 +12,7 @@ import numpy as np
 from minilora.errors import MiniLoraValueError
 from minilora.testing.tolerance import dot_bound, dtype_name
 
-__all__ = ["Comparison", "compare", "assert_lora_close", "ToleranceError"]
+__all__ = ["Comparison", "compare", "assert_lora_close", "ToleranceError", "detection_threshold"]
 
 
 class ToleranceError(AssertionError):
@@ -129,3 +129,14 @@ def assert_lora_close(
             "different formula, not rounding."
         )
     return result
+
+
+def detection_threshold(expected: Any, bound: Any) -> float:
+    """The smallest relative error (1 + t) everywhere that this comparison rejects:
+    min_i bound_i / |expected_i| over the nonzero expected elements (inf when all are 0)."""
+    e = np.abs(np.asarray(expected, dtype=np.float64))
+    t = np.broadcast_to(np.asarray(bound, dtype=np.float64), e.shape)
+    nz = e > 0
+    if not np.any(nz):
+        return math.inf
+    return float(np.min(t[nz] / e[nz]))

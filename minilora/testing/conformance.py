@@ -26,7 +26,6 @@ rounds to 0 there; PyTorch's own advice is float32 optimizer state for float16 m
 
 from __future__ import annotations
 
-import math
 import platform
 import time
 from collections.abc import Callable
@@ -35,8 +34,11 @@ from typing import Any
 import numpy as np
 
 from minilora.errors import MiniLoraValueError, one_line
+from minilora.testing.adam_check import run_adam
 from minilora.testing.adapters import (
     VARIANT_METHODS,
+    adapter_adam_eps,
+    adapter_dora_bias,
     adapter_dora_features,
     adapter_dtypes,
     adapter_features,
@@ -55,11 +57,11 @@ from minilora.testing.cases import (
     layer_problems,
     needed_optimizer_features,
 )
-from minilora.testing.compare import Comparison, compare
+from minilora.testing.compare import Comparison, compare, detection_threshold
 from minilora.testing.init_check import INIT_DTYPE, INIT_SHAPES, run_init
-from minilora.testing.problems import AdamProblem, LoraProblem
+from minilora.testing.problems import LoraProblem
 from minilora.testing.report import CheckReport, PropertyResult, severity
-from minilora.testing.tolerance import adam_bounds, lora_bounds
+from minilora.testing.tolerance import lora_bounds
 from minilora.testing.variant_checks import VARIANT_METHOD_OF, VARIANT_PROPERTIES, variant_pairs, variant_work
 
 __all__ = [
@@ -140,17 +142,6 @@ def _oracle(p: LoraProblem, precision: dict, model: str = "worst") -> dict:
         "merged_forward": (("y", y_plain, plain),),
         "unmerge": (("W", p.W, bounds["W_back"]),),
     }
-
-
-def detection_threshold(expected: Any, bound: Any) -> float:
-    """The smallest relative error (1 + t) everywhere that this comparison rejects:
-    min_i bound_i / |expected_i| over the nonzero expected elements (inf when all are 0)."""
-    e = np.abs(np.asarray(expected, dtype=np.float64))
-    t = np.broadcast_to(np.asarray(bound, dtype=np.float64), e.shape)
-    nz = e > 0
-    if not np.any(nz):
-        return math.inf
-    return float(np.min(t[nz] / e[nz]))
 
 
 def _worst(comparisons: list[Comparison]) -> Comparison:
@@ -246,41 +237,6 @@ def _precision_hint(p: LoraProblem, prop: str, actual: dict, narrower: dict, loo
             f"{p.dtype} where it declares {wide}, the declaration is what is wrong")
 
 
-def _run_adam(adapter: Any, p: AdamProblem, row: PropertyResult, precision: dict) -> None:
-    import minilora as ml
-
-    case = p.describe()
-    missing = [f for f in needed_optimizer_features(p) if f not in adapter_optimizer_features(adapter)]
-    if missing:
-        row.skip(case, missing)
-        return
-    params = p.params
-    with ml.use_backend("numpy"):
-        state = ml.adam_init(params, amsgrad=p.options.get("amsgrad", False))
-        for g in p.grads:
-            params, state = ml.adam_step(params, g, state, **p.options)
-    dtype = precision["adapter"]
-    bounds = adam_bounds(p.params, list(p.grads), dtype=dtype, bias_correction=precision["bias_correction"],
-                         **p.options)
-    try:
-        got = adapter.adam(p)
-    except Exception as exc:
-        row.fail(case, f"adam() raised {one_line(exc)}", raised=True)
-        return
-    if not isinstance(got, dict) or not {"A", "B"} <= set(got):
-        row.fail(case, "adam() must return {'A': ..., 'B': ...}")
-        return
-    # the update itself is compared (p0 is exact, so this is the parameter's comparison seen from
-    # the step): its threshold says how small a wrong step this case could have told apart
-    checks, thresholds = [], []
-    for k in ("A", "B"):
-        c = compare(got[k], params[k], bounds[k], name=k)
-        if c.problem is None:
-            update = np.asarray(got[k], dtype=np.float64) - p.params[k]
-            c = compare(update, params[k] - p.params[k], bounds[k], name=f"update of {k}")
-        checks.append(c)
-        thresholds.append(detection_threshold(params[k] - p.params[k], bounds[k]))
-    row.add(_worst(checks), case, min(thresholds))
 
 
 def _versions(adapter: Any) -> dict:
@@ -332,7 +288,7 @@ def check(
         if "adam" in props:
             for aprob in adam_cases(dt, max_examples, seed):
                 work.append((f"adam {dt}", lambda aprob=aprob, dt=dt, precision=precision:
-                             _run_adam(adapter, aprob, rows[("adam", dt)], precision)))
+                             run_adam(adapter, aprob, rows[("adam", dt)], precision)))
         if "init" in props:
             for i, init in enumerate(getattr(adapter, "inits", ())):
                 for j, shape in enumerate(INIT_SHAPES):
@@ -355,6 +311,8 @@ def _declared(adapter: Any) -> dict:
         "dtypes": list(adapter_dtypes(adapter)),
         "features": sorted(adapter_features(adapter)),
         "optimizer_features": sorted(adapter_optimizer_features(adapter)),
+        "adam_eps": adapter_adam_eps(adapter),
+        "dora_bias": adapter_dora_bias(adapter),
         "inits": list(getattr(adapter, "inits", ())),
         "dora_features": sorted(adapter_dora_features(adapter)),
         "variant_dtypes": list(adapter_variant_dtypes(adapter)),

@@ -15,7 +15,8 @@ values (|x| |W|^T + |b| + |s| (|x * m| |A|^T) |B|^T):
 
 (d_in for x A^T, r for (.) B^T, one each for the mask, the scale, the two additions; the
 base branch x W^T + b needs only d_in + 2 and shares the bound). The gradients (cotangent g),
-merge and unmerge follow the same rule; their K and M are listed in ``lora_bounds``.
+merge and unmerge follow the same rule; their K and M are listed in ``lora_bounds``; Adam's
+steps are bounded in ``minilora.testing.adam_tolerance``.
 Underflow adds at most k eta (eta the smallest subnormal) per dot product.
 
 The reference itself runs in float64, so a comparison adds the float64 bound of the oracle to
@@ -47,7 +48,6 @@ __all__ = [
     "dot_bound",
     "lora_magnitudes",
     "lora_bounds",
-    "adam_bounds",
     "round_to",
     "wider",
     "STORED",
@@ -243,9 +243,13 @@ def lora_bounds(
     """Elementwise tolerances for every output of a LoRA layer in ``dtype``.
 
     ``accumulate``: the dtype sums are carried in (then each stored intermediate costs one
-    rounding of ``dtype``, see ``STORED``); ``adapter``: the dtype the LoRA factors are stored
-    and computed in, when wider than the base's (PEFT keeps lora_A/B in float32 under a
-    float16/bfloat16 base): the gradients of A and B are then bounded in that dtype.
+    rounding of ``dtype``, see ``STORED``; narrower than ``dtype``, as Keras' float64 matmuls run
+    in float32, the inputs rounded to it cost two more); ``adapter``: the dtype the LoRA factors are stored
+    and computed in. Wider than ``dtype`` (PEFT keeps lora_A/B in float32 under a
+    float16/bfloat16 base): the gradients of A and B are bounded in that dtype. Narrower (Keras
+    keeps them float32 under a float64 layer): every output adds the bound of the LoRA branch
+    alone (M with W = 0 and no bias) in the adapter's dtype, with two more roundings for A and B
+    rounded to it on the way in.
 
     Inputs as in ``minilora.lora_dense`` (host arrays; the values the implementation was given,
     already rounded to its dtype). Returns bounds keyed by output, each shaped like it:
@@ -268,8 +272,12 @@ def lora_bounds(
     dtype (the oracle's own rounding; pass None to compare against exact values). ``model`` as in
     ``dot_bound`` ("probable" for the probabilistic bound; the reference's share stays worst-case).
     """
-    magnitudes = lora_magnitudes(params, lora, x, scale=scale, fan_in_fan_out=fan_in_fan_out,
-                                 dropout_mask=dropout_mask, cotangent=cotangent)
+    kw: dict[str, Any] = dict(scale=scale, fan_in_fan_out=fan_in_fan_out, dropout_mask=dropout_mask,
+                              cotangent=cotangent)
+    magnitudes = lora_magnitudes(params, lora, x, **kw)
+    narrow = adapter is not None and unit_roundoff(adapter) > unit_roundoff(dtype)
+    if narrow:  # the LoRA branch alone (the base weight zero, no bias)
+        branch = lora_magnitudes({"W": np.zeros(np.shape(params["W"]))}, lora, x, **kw)
     out = {}
     for key, (k, M) in magnitudes.items():
         dt = dtype_name(dtype)
@@ -277,105 +285,14 @@ def lora_bounds(
         if adapter is not None and key in ("A", "B"):
             dt = wider(dt, adapter)
             acc = wider(acc, dt)
+        if unit_roundoff(acc) > unit_roundoff(dt):  # sums narrower than storage: inputs rounded to acc (+2)
+            k += 2
         bound = dot_bound(k, M, dt, accumulate=acc, stores=STORED[key], safety=safety, model=model)
+        if narrow and key != "b":  # the branch in the adapter's dtype, A and B rounded to it (+2)
+            bound = bound + dot_bound(k + 2, branch[key][1], adapter, stores=STORED[key], safety=safety, model=model)
         if reference is not None:
             bound = bound + dot_bound(k, M, reference, safety=safety)
         out[key] = bound
-    return out
-
-
-def adam_bounds(
-    params: dict,
-    grads: list[dict],
-    *,
-    dtype: Any,
-    lr: float = 1e-3,
-    betas: tuple[float, float] = (0.9, 0.999),
-    eps: float = 1e-8,
-    weight_decay: float = 0.0,
-    decoupled: bool = False,
-    amsgrad: bool = False,
-    maximize: bool = False,  # negates the gradients: the magnitudes, so the bounds, are the same
-    bias_correction: Any = "float64",
-    reference: Any = "float64",
-    safety: float = SAFETY,
-    model: str = "worst",
-) -> dict[str, np.ndarray]:
-    """Elementwise tolerances for the parameters after ``len(grads)`` Adam/AdamW steps from
-    ``params`` (dict of arrays) fed the fixed gradients ``grads`` (a list of dicts).
-
-    The error of each state variable is carried through the exact float64 trajectory to first
-    order: m's rounding errs by gamma_3 times its magnitude (the same average of |g|), v's by
-    gamma_3 v (all terms are positive), sqrt halves a relative error, the denominator
-    d = sqrt(v)/c2 + eps adds gamma_2 d, the ratio q = m/d errs by (e_m + |q| e_d)/(d - e_d),
-    and the update p - (lr/c1) q adds gamma_2 (lr/c1)|q| + u |p|. With L2 decay (not
-    decoupled) the parameter's error feeds back into the gradient as wd * e_p. The result is
-    infinite where d - e_d <= 0: that dtype cannot resolve the step at all.
-
-    ``bias_correction``: the dtype 1 - beta^t is computed in (float64 in torch, whose step
-    count is a Python number; float32 in Keras, MLX and optax without x64). Rounding beta and
-    its power costs gamma_(t+1) beta^t / (1 - beta^t) + u relative in c = 1 - beta^t, 1.2e-4 at
-    beta2 = 0.999 and t = 1 in float32, charged on the step (c1) and on sqrt(v)/c2.
-    """
-    decoupled, amsgrad = check_bool(decoupled, "decoupled"), check_bool(amsgrad, "amsgrad")
-    check_bool(maximize, "maximize")
-    b1, b2 = betas
-    out = {}
-    for key, p0 in params.items():
-        total = np.zeros(np.shape(p0))
-        for which, dt in enumerate((dtype, reference)):
-            if dt is None:
-                continue
-            u = unit_roundoff(dt)
-            g2, g3 = gamma(2, dt), gamma(3, dt)
-            p = np.array(p0, dtype=np.float64)
-            m = np.zeros_like(p)
-            v = np.zeros_like(p)
-            vmax = np.zeros_like(p)
-            M = np.zeros_like(p)
-            e_p = np.zeros_like(p)
-            e_m = np.zeros_like(p)
-            e_v = np.zeros_like(p)
-            e_vmax = np.zeros_like(p)
-            with np.errstate(divide="ignore", invalid="ignore"):
-                for t, grad in enumerate(grads, start=1):
-                    g = np.array(grad[key], dtype=np.float64)
-                    e_g = np.zeros_like(p)
-                    if weight_decay and decoupled:
-                        p = p * (1 - lr * weight_decay)
-                        e_p = e_p * (1 - lr * weight_decay) + g2 * np.abs(p)
-                    elif weight_decay:
-                        e_g = weight_decay * e_p + u * (np.abs(g) + weight_decay * np.abs(p))
-                        g = g + weight_decay * p
-                    c1 = 1 - b1**t
-                    c2 = math.sqrt(1 - b2**t)
-                    e_c1 = e_c2 = 0.0
-                    if which == 0 and dtype_name(bias_correction) != "float64":
-                        ub = unit_roundoff(bias_correction)
-                        e_c1 = gamma(t + 1, bias_correction) * b1**t / c1 + ub
-                        e_c2 = (gamma(t + 1, bias_correction) * b2**t / c2**2 + ub) / 2 + ub
-                    m = b1 * m + (1 - b1) * g
-                    M = b1 * M + (1 - b1) * np.abs(g)
-                    e_m = b1 * e_m + (1 - b1) * e_g + g3 * M
-                    v = b2 * v + (1 - b2) * g * g
-                    e_v = b2 * e_v + (1 - b2) * (2 * np.abs(g) * e_g + e_g * e_g) + g3 * v
-                    if amsgrad:
-                        vmax, e_vmax = np.maximum(vmax, v), np.maximum(e_vmax, e_v)
-                        vv, ev = vmax, e_vmax
-                    else:
-                        vv, ev = v, e_v
-                    sq = np.sqrt(vv)
-                    e_sq = np.where(ev > 0, ev / (sq + np.sqrt(np.maximum(vv - ev, 0.0))), 0.0) + u * sq
-                    d = sq / c2 + eps
-                    e_d = e_sq / c2 + g2 * d + e_c2 * sq / c2
-                    d_lo = d - e_d
-                    q = m / d
-                    e_q = np.where(d_lo > 0, (e_m + np.abs(q) * e_d) / d_lo + u * np.abs(q), np.inf)
-                    step = (lr / c1) * q
-                    p = p - step
-                    e_p = e_p + (lr / c1) * e_q + (g2 + e_c1) * np.abs(step) + u * np.abs(p)
-            total = total + safety * e_p
-        out[key] = total
     return out
 
 

@@ -130,7 +130,7 @@ def dora_factor_error(W: Any, A: Any, B: Any, *, scale: float, dtype: Any, accum
     return (1.0 + u) * (1.0 + dn / (1.0 - dn)) - 1.0
 
 
-def _dora_one(p: Any, dt: str, acc: str, ad: str) -> dict[str, np.ndarray]:
+def _dora_one(p: Any, dt: str, acc: str, ad: str, bias: str = "peft") -> dict[str, np.ndarray]:
     s = abs(float(p.scale))
     x = np.asarray(p.x, dtype=np.float64)
     W = np.asarray(p.W, dtype=np.float64)
@@ -168,7 +168,8 @@ def _dora_one(p: Any, dt: str, acc: str, ad: str) -> dict[str, np.ndarray]:
     base_m = axm @ aW.T  # |xm||W|^T
     lora_m = s * (axm @ aA.T) @ aB.T
     out = {}
-    t_y = ac * (base_m + lora_m)
+    scaled_b = ac * ab if bias == "scaled" else 0.0  # torchtune's c b
+    t_y = ac * (base_m + lora_m) + scaled_b
     out["y"] = bound(d_in + r + 6, ax @ aW.T + ab + ac1 * (base_m + ab), t_y, dc * t_y)
     gc, gcd = g * ac, g * ac * dc  # dx, dA sum over the output rows: each row's c with its own dc
     out["x"] = bound(d_out + r + 6, g @ aW + masked((g * ac1) @ aW), masked(s * (gc @ aB) @ aA + gc @ aW),
@@ -177,7 +178,7 @@ def _dora_one(p: Any, dt: str, acc: str, ad: str) -> dict[str, np.ndarray]:
     out["A"] = bound(d_out + n_rows + 4, 0.0, s * (Gc @ aB).T @ Xm, s * (Gcd @ aB).T @ Xm, own=True)
     t_B = s * Gc.T @ (Xm @ aA.T)
     out["B"] = bound(d_in + n_rows + 4, 0.0, t_B, dc[:, None] * t_B, own=True)
-    t_m = np.sum(G * (Xm @ aW.T + s * (Xm @ aA.T) @ aB.T), axis=0) / n
+    t_m = np.sum(G * (Xm @ aW.T + s * (Xm @ aA.T) @ aB.T + (ab if bias == "scaled" else 0.0)), axis=0) / n
     out["m"] = bound(d_in + r + n_rows + 6, 0.0, t_m, dc * t_m, own=True)  # 1/n errs by at most dc
     if mixed:  # the base output x W^T + b stored in dtype, its bias subtracted in dtype (PEFT)
         base_read = np.sum(G * (Xm @ aW.T + ab), axis=0) / n
@@ -197,18 +198,19 @@ def _adapter_dtype(dt: str, adapter: Any) -> str:
 
 
 def dora_bounds(p: Any, *, dtype: Any = None, accumulate: Any = None, adapter: Any = None,
-                reference: Any = "float64") -> dict:
+                reference: Any = "float64", bias: str = "peft") -> dict:
     """Elementwise tolerances for a ``DoraProblem``'s outputs: {"y", "x", "A", "B", "m", "W",
     "y_merged", "W_back"} (the module docstring's table), in ``dtype`` (default p.dtype) with
     sums in ``accumulate`` and the factors, m and the row norm in ``adapter`` (default: ``dtype``;
     a wider one is PEFT's mixed precision, see the module docstring), plus the float64
-    reference's own bound."""
+    reference's own bound. ``bias="scaled"`` (the forward c (x W^T + b + ...)): y's T gains
+    |c| |b|, m's gains sum_n |g| |b| / n."""
     dt = dtype_name(dtype if dtype is not None else p.dtype)
     acc = dtype_name(accumulate) if accumulate is not None else dt
-    out = _dora_one(p, dt, acc, _adapter_dtype(dt, adapter))
+    out = _dora_one(p, dt, acc, _adapter_dtype(dt, adapter), bias)
     if reference is not None:
         ref_dt = dtype_name(reference)
-        ref = _dora_one(p, ref_dt, ref_dt, ref_dt)
+        ref = _dora_one(p, ref_dt, ref_dt, ref_dt, bias)
         out = {k: out[k] + ref[k] for k in out}
     return out
 

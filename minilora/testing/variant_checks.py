@@ -32,6 +32,7 @@ import numpy as np
 
 from minilora.errors import MiniLoraValueError, one_line
 from minilora.testing.adapters import (
+    adapter_dora_bias,
     adapter_dora_features,
     adapter_features,
     adapter_variant_dtypes,
@@ -88,8 +89,10 @@ def variant_pairs(adapter: Any, dtypes: Any = None, properties: Any = None) -> l
 # ---------------------------------------------------------------- the oracle
 
 
-def dora_oracle(p: DoraProblem) -> dict[str, Any]:
-    """minilora in float64 on a DoRA problem: {output: value} for y, x, A, B, m, W, y_merged, W_back."""
+def dora_oracle(p: DoraProblem, bias: str = "peft") -> dict[str, Any]:
+    """minilora in float64 on a DoRA problem: {output: value} for y, x, A, B, m, W, y_merged, W_back.
+    ``bias="scaled"`` (an adapter's ``dora_bias``): the forward is c (x W^T + b + ...), so y gains
+    (c - 1) b and dm gains sum_n g b / n; the merge is unchanged."""
     import autograd.numpy as anp
 
     import minilora as ml
@@ -105,6 +108,12 @@ def dora_oracle(p: DoraProblem) -> dict[str, Any]:
         gx, glora, gm = ml.grad(loss, argnum=(0, 1, 2))(p.x, p.lora, p.magnitude)
         merged, _ = dora_merge(p.params, p.lora, p.magnitude, **kw)
         y_plain = dora_dense(p.params, p.lora, p.magnitude, p.x, **kw)
+    if bias == "scaled" and p.b is not None:
+        W_oi = p.W.T if p.fan_in_fan_out else p.W
+        n = np.sqrt(np.sum((W_oi + p.scale * (p.B @ p.A)) ** 2, axis=1))
+        y = y + (p.magnitude / n - 1.0) * p.b
+        g = np.asarray(p.cotangent).reshape(-1, p.b.shape[0])
+        gm = gm + np.sum(g, axis=0) * p.b / n
     return {"y": y, "x": gx, "A": glora["A"], "B": glora["B"], "m": gm, "W": merged["W"], "y_merged": y_plain,
             "W_back": p.W}
 
@@ -258,9 +267,10 @@ def variant_work(adapter: Any, rows: dict, max_examples: int, seed: int) -> list
         kw = dict(accumulate=declared["accumulate"], adapter=declared["adapter"])
         wide = ", ".join(f"{k}={declared[k]}" for k in ("adapter", "accumulate") if declared[k] != dt)
         narrow = dict(accumulate=dt, adapter=dt) if wide else None
+        bias = adapter_dora_bias(adapter)
         groups: list[tuple[tuple[str, ...], list, Callable, Callable, str]] = [
-            (DORA_PROPERTIES, dora_cases(dt, adapter_dora_features(adapter), max_examples, seed), dora_oracle,
-             dora_bounds, "dora"),
+            (DORA_PROPERTIES, dora_cases(dt, adapter_dora_features(adapter), max_examples, seed),
+             functools.partial(dora_oracle, bias=bias), functools.partial(dora_bounds, bias=bias), "dora"),
             (EMBEDDING_PROPERTIES, embedding_cases(dt, adapter_features(adapter), max_examples, seed),
              embedding_oracle, embedding_bounds, "embedding"),
         ]

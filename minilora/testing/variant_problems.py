@@ -198,6 +198,8 @@ def _restrict(spec: dict, features: frozenset) -> dict:
         spec["dropout"] = None
     if "no_bias" not in features:
         spec["bias"] = True
+    if "scale" not in features:  # a layer without alpha: scale 1
+        spec["alpha"], spec["rslora"] = float(spec["rank"]), False
     return spec
 
 
@@ -231,9 +233,11 @@ def embedding_cases(dtype: str, features: frozenset, count: int, seed: int) -> l
                           num_embeddings=num, dim=dim, rank=int(rng.integers(1, min(num, dim, 8) + 1)),
                           alpha=float(rng.choice([1.0, 4.0, 16.0])), rslora=bool(rng.random() < 0.3),
                           seed=int(rng.integers(2**31)), label=f"drawn #{i + 1}"))
-    if "rslora" not in features:
-        for spec in specs:
+    for spec in specs:
+        if "rslora" not in features or "scale" not in features:
             spec["rslora"] = False
+        if "scale" not in features:  # a layer without alpha: scale 1
+            spec["alpha"] = float(spec["rank"])
     return [make_embedding_problem(**spec, dtype=dtype) for spec in specs]
 
 

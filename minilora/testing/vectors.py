@@ -115,7 +115,7 @@ def _layer_group(name: str, op: str, comment: str, seed0: int) -> tuple[dict, di
 
 
 def _groups() -> list[tuple[dict, dict]]:
-    from minilora.testing.tolerance import adam_bounds
+    from minilora.testing.adam_tolerance import adam_bounds
 
     groups = [
         _layer_group("forward", "lora_dense", "y = x W^T + b + scale ((x * mask) A^T) B^T", 1000),

@@ -236,3 +236,61 @@ def test_json_summary_progress_and_inspect_base(tmp_path: Path, capsys: Any, mon
     info = json.loads(capsys.readouterr().out)
     assert [r["module"] for r in info["base"]["merged"]] == ["fc"] and info["base"]["refused"] == []
     assert sorted(tmp_path.iterdir()) == before  # inspect writes nothing
+
+
+def test_a_product_order_not_reproduced_is_refused_unless_allowed(tmp_path: Path, capsys: Any) -> None:
+    """A 5-label head (B (5, r)): torch's MKL sums such a product in an order minilora does not
+    reproduce, so bit-equality with PEFT cannot be promised: refused by module and rank, merged
+    with --allow-inexact and listed in the summary."""
+    rng = np.random.default_rng(3)
+    base = {"fc.weight": rng.standard_normal((32, 32)).astype(np.float32),
+            "head.weight": rng.standard_normal((5, 32)).astype(np.float32)}
+    st.save(base, tmp_path / "base.safetensors")
+    factors = {m: {"A": rng.standard_normal((8, 32)), "B": rng.standard_normal((w.shape[0], 8))}
+               for m, w in (("fc", base["fc.weight"]), ("head", base["head.weight"]))}
+    save_peft_adapter(tmp_path / "ad", factors, r=8, lora_alpha=16)
+    proc = _cli(tmp_path, "merge", "base.safetensors", "ad", "o.safetensors")
+    _one_line(proc, "module 'head' (r=8)", "(5, 8) x (8, 32) product", "not reproduced", "--allow-inexact")
+    assert not (tmp_path / "o.safetensors").exists()
+    with pytest.raises(MergeError, match=r"module 'head' \(r=8\)"):
+        merge_adapter_file(tmp_path / "base.safetensors", tmp_path / "ad", tmp_path / "o.safetensors")
+
+    assert cli.main(["inspect", str(tmp_path / "ad"), "--base", str(tmp_path / "base.safetensors")]) == 1
+    assert "REFUSED  head: module 'head' (r=8)" in capsys.readouterr().out
+    assert cli.main(["inspect", str(tmp_path / "ad"), "--base", str(tmp_path / "base.safetensors"),
+                     "--allow-inexact"]) == 0
+    assert "not bit-equal to PEFT" in capsys.readouterr().out
+
+    assert cli.main(["merge", str(tmp_path / "base.safetensors"), str(tmp_path / "ad"),
+                     str(tmp_path / "o.safetensors"), "--allow-inexact", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert [(r["tensor"], r["module"]) for r in report["not_bit_equal"]] == [("head.weight", "head")]
+    assert "not reproduced" in report["not_bit_equal"][0]["why"]
+    assert {r["module"]: r["bit_equal"] for r in report["modules"]} == {"fc": True, "head": False}
+    merged = st.load(tmp_path / "o.safetensors")
+    for m in ("fc", "head"):  # still the right merge, to float32 rounding
+        t = {k: v.astype(np.float32).astype(np.float64) for k, v in factors[m].items()}
+        want = base[f"{m}.weight"] + 2.0 * t["B"] @ t["A"]
+        assert np.max(np.abs(merged[f"{m}.weight"] - want)) <= 1e-5 * np.max(np.abs(want))
+    assert cli.main(["merge", str(tmp_path / "base.safetensors"), str(tmp_path / "ad"),
+                     str(tmp_path / "o2.safetensors"), "--allow-inexact"]) == 0
+    assert "head.weight" in capsys.readouterr().out.split("not guaranteed bit-equal to PEFT")[0].splitlines()[-1]
+
+
+def test_one_shard_as_base_says_to_pass_the_folder_or_index(tmp_path: Path) -> None:
+    _, ad = _setup(tmp_path)
+    folder = _sharded(tmp_path)
+    proc = _cli(tmp_path, "merge", str(folder / "model-00002-of-00002.safetensors"), str(ad), "o.safetensors")
+    _one_line(proc, "adapter module 'fc' matches no tensor", "BASE is one shard of a sharded checkpoint",
+              "pass its folder or its model.safetensors.index.json")
+    assert not (tmp_path / "o.safetensors").exists()
+
+
+@pytest.mark.parametrize("out", ["exists", "exists/", "fresh"])
+def test_out_folder_existing_or_not_is_written_without_traceback(tmp_path: Path, out: str) -> None:
+    base, ad = _setup(tmp_path)
+    (tmp_path / "exists").mkdir()
+    proc = _cli(tmp_path, "merge", str(base), str(ad), out)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    merged = st.load(tmp_path / out.rstrip("/") / "model.safetensors")
+    assert merged.keys() == BASE.keys() and not np.array_equal(merged["fc.weight"], BASE["fc.weight"])

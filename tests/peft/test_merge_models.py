@@ -32,13 +32,13 @@ def _tf() -> Any:
 
 
 def _gpt2(tf: Any, **kw: Any) -> Any:
-    return tf.GPT2LMHeadModel(tf.GPT2Config(n_embd=16, n_layer=2, n_head=2, vocab_size=40, n_positions=8,
+    return tf.GPT2LMHeadModel(tf.GPT2Config(n_embd=16, n_layer=2, n_head=2, vocab_size=48, n_positions=8,
                                             bos_token_id=0, eos_token_id=0, **kw))
 
 
 def _llama(tf: Any, tie: bool = False) -> Any:
-    return tf.LlamaForCausalLM(tf.LlamaConfig(hidden_size=16, intermediate_size=24, num_hidden_layers=2,
-                                              num_attention_heads=2, num_key_value_heads=1, vocab_size=40,
+    return tf.LlamaForCausalLM(tf.LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                              num_attention_heads=2, num_key_value_heads=1, vocab_size=48,
                                               tie_word_embeddings=tie, bos_token_id=0, eos_token_id=0,
                                               pad_token_id=0))
 
@@ -171,7 +171,7 @@ def test_sequence_classification_modules_to_save_are_copied(tmp_path: Path) -> N
     torch, peft, tf = _tf()
 
     def make(tf: Any) -> Any:
-        return tf.BertForSequenceClassification(tf.BertConfig(hidden_size=16, intermediate_size=24, num_hidden_layers=1,
+        return tf.BertForSequenceClassification(tf.BertConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                                                               num_attention_heads=2, vocab_size=40, num_labels=3))
 
     base, ad = _setup(tmp_path, make, {"r": 4, "target_modules": ["query", "value"], "task_type": "SEQ_CLS"})

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import minilora as ml
+from minilora.testing.adam_tolerance import adam_bounds
 from minilora.testing.cases import (
     ADAM_EDGE_CASES,
     EDGE_CASES,
@@ -21,7 +22,6 @@ from minilora.testing.cases import (
     needed_optimizer_features,
 )
 from minilora.testing.strategies import EPSILONS
-from minilora.testing.tolerance import adam_bounds
 
 ALL = frozenset({"fan_in_fan_out", "rslora", "dropout", "no_bias"})
 

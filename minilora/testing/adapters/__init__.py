@@ -1,5 +1,6 @@
 """Adapters: the one protocol through which ``minilora check`` drives another LoRA
-implementation, the built-in adapters (plain PyTorch, PEFT, loralib), and ``load_adapter``.
+implementation, the built-in adapters (PyTorch, PEFT, loralib, Flax, Keras, torchtune), and
+``load_adapter``.
 
 An adapter is any object with these methods (numbers in, NumPy-convertible arrays out; the
 problems come from ``minilora.testing.strategies``, their arrays are float64 NumPy arrays whose
@@ -36,12 +37,18 @@ missing one makes its rows "n/a"):
                                 ``bias`` = "none" | "all" | "lora_only", ``use_dora``)
 
 and optionally the attributes ``name``, ``dtypes`` (default float64 and float32),
-``features`` (a subset of ``FEATURES``: the layer options it supports; default all),
-``dora_features`` (the same for its DoRA layer; default ``features``), ``variant_dtypes`` (the
-dtypes of its DoRA, embedding rows; default its ``dtypes`` that are float64 or float32; float16
-and bfloat16 rows are bounded under its ``precision``, see ``minilora.testing.variant_bounds``),
+``features`` (a subset of ``FEATURES``: the layer options it supports; default all; without
+"scale" the cases have alpha = r, so s = 1, as for a layer with no alpha),
+``dora_features`` (the same for its DoRA layer; default ``features``), ``dora_bias`` (one of
+``DORA_BIAS``: "peft", the default, adds b after the DoRA factor; "scaled" computes
+c (x W^T + b) + ..., as torchtune's DoRALinear does, whose merge still leaves b unscaled),
+``variant_dtypes`` (the dtypes of its DoRA, embedding rows; default its ``dtypes`` that are
+float64 or float32; float16 and bfloat16 rows are bounded under its ``precision``, see
+``minilora.testing.variant_bounds``),
 ``optimizer_features`` (a subset of ``OPTIMIZER_FEATURES``; an Adam case that needs a missing
-one is reported "not covered"), ``inits`` (names from ``INITS``) with a method
+one is reported "not covered"), ``adam_eps`` (one of ``ADAM_EPS``: "torch", the default, adds
+eps to sqrt(v / (1 - beta2^t)) as torch.optim does; "hat" adds it to sqrt(v) before the bias
+correction, Kingma and Ba's epsilon-hat, as Keras does), ``inits`` (names from ``INITS``) with a method
 ``init(d_in, d_out, rank, init, seed) -> {"A", "B"}`` (a fresh adapter's factors), ``precision``
 (a dict, or a method of the dtype, with keys from ``PRECISION_KEYS``: see ``declared_precision``)
 and ``versions() -> {package: version}`` for the report. Unknown names are refused with the list
@@ -71,6 +78,10 @@ __all__ = [
     "OPTIMIZER_FEATURES",
     "INITS",
     "PRECISION_KEYS",
+    "ADAM_EPS",
+    "adapter_adam_eps",
+    "DORA_BIAS",
+    "adapter_dora_bias",
     "declared_precision",
     "adapter_optimizer_features",
     "BUILTIN",
@@ -89,7 +100,8 @@ REQUIRED_METHODS = ("forward", "grads")
 OPTIONAL_METHODS = ("merge", "unmerge", "adam")
 VARIANT_METHODS = ("dora_forward", "dora_grads", "dora_merge", "dora_unmerge", "embedding_forward",
                    "embedding_grads", "embedding_merge", "trainable")
-FEATURES = frozenset({"fan_in_fan_out", "rslora", "dropout", "no_bias"})
+# scale: the layer multiplies its update by alpha / r (Flax's LoRA has no alpha: scale 1)
+FEATURES = frozenset({"fan_in_fan_out", "rslora", "dropout", "no_bias", "scale"})
 # Adam options beyond plain Adam: amsgrad, L2 decay (weight_decay with decoupled=False),
 # decoupled decay (AdamW), maximize
 OPTIMIZER_FEATURES = frozenset({"amsgrad", "l2", "decoupled", "maximize"})
@@ -97,10 +109,17 @@ OPTIMIZER_FEATURES = frozenset({"amsgrad", "l2", "decoupled", "maximize"})
 # kaiming_uniform_(a=sqrt(5)), PEFT/loralib), gaussian = N(0, 1/r^2) (PEFT), normal = N(0, 1)
 # (the paper), he_uniform = U(-sqrt(6/d_in), sqrt(6/d_in)) (Keras and Flax)
 INITS = ("kaiming", "gaussian", "normal", "he_uniform")
+# where Adam's eps goes: "torch" p -= lr/c1 m / (sqrt(v)/sqrt(c2) + eps) (torch.optim, optax);
+# "hat" p -= lr sqrt(c2)/c1 m / (sqrt(v) + eps) (Keras; torch's eps / sqrt(c2) at each step)
+ADAM_EPS = ("torch", "hat")
+# where DoRA's bias goes in the forward: "peft" y = c (x W^T + s (x A^T) B^T) + b (PEFT, the
+# paper: the bias is not part of the weight); "scaled" y = c (x W^T + b + s (x A^T) B^T) (torchtune)
+DORA_BIAS = ("peft", "scaled")
 DTYPE_NAMES = ("float64", "float32", "float16", "bfloat16")
 # what an adapter may declare about how it computes in each dtype (all default to that dtype,
 # bias_correction to float64): ``adapter`` the dtype its LoRA factors are stored and computed in
-# (PEFT keeps them float32 under a float16/bfloat16 base), ``accumulate`` the dtype its sums are
+# (PEFT keeps them float32 under a float16/bfloat16 base; Keras keeps them float32 under a float64
+# layer, which rounds the given A and B), ``accumulate`` the dtype its sums are
 # carried in, ``bias_correction`` the dtype of Adam's 1 - beta^t (Keras, MLX and optax without
 # x64: float32)
 PRECISION_KEYS = ("adapter", "accumulate", "bias_correction")
@@ -110,6 +129,9 @@ BUILTIN = {
     "torch": ("minilora.testing.adapters.torch_adapter:TorchAdapter", ("torch",)),
     "peft": ("minilora.testing.adapters.peft_adapter:PeftAdapter", ("torch", "peft", "transformers")),
     "loralib": ("minilora.testing.adapters.loralib_adapter:LoralibAdapter", ("torch", "loralib")),
+    "flax": ("minilora.testing.adapters.flax_adapter:FlaxAdapter", ("jax", "flax", "optax")),
+    "keras": ("minilora.testing.adapters.keras_adapter:KerasAdapter", ("torch", "keras")),
+    "torchtune": ("minilora.testing.adapters.torchtune_adapter:TorchtuneAdapter", ("torch", "torchao", "torchtune")),
 }
 
 
@@ -148,6 +170,10 @@ def adapter_optimizer_features(adapter: Any) -> frozenset:
     return frozenset(getattr(adapter, "optimizer_features", OPTIMIZER_FEATURES))
 
 
+def adapter_adam_eps(adapter: Any) -> str:
+    return str(getattr(adapter, "adam_eps", "torch"))
+
+
 def declared_precision(adapter: Any, dtype: str) -> dict[str, str]:
     """{"adapter", "accumulate", "bias_correction"}: how the adapter says it computes in
     ``dtype`` (its ``precision`` attribute: a dict {dtype: {key: dtype}}, or a method of the
@@ -170,6 +196,10 @@ def adapter_features(adapter: Any) -> frozenset:
     return frozenset(getattr(adapter, "features", FEATURES))
 
 
+def adapter_dora_bias(adapter: Any) -> str:
+    return str(getattr(adapter, "dora_bias", "peft"))
+
+
 def adapter_dora_features(adapter: Any) -> frozenset:
     return frozenset(getattr(adapter, "dora_features", adapter_features(adapter)))
 
@@ -190,19 +220,22 @@ def adapter_variant_dtypes(adapter: Any) -> tuple[str, ...]:
 @contextlib.contextmanager
 def _quiet_logs() -> Iterator[None]:
     """Importing peft imports bitsandbytes where installed, which logs a warning about CPU
-    kernels that has nothing to do with a check."""
-    log = logging.getLogger("bitsandbytes")
-    level = log.level
-    log.setLevel(logging.ERROR)
+    kernels, and torchtune imports torchao, which logs the CUDA kernels it cannot load: nothing
+    to do with a check."""
+    logs = [logging.getLogger(name) for name in ("bitsandbytes", "torchao", "torch.utils._pytree")]
+    levels = [log.level for log in logs]
+    for log in logs:
+        log.setLevel(logging.ERROR)
     try:
         yield
     finally:
-        log.setLevel(level)
-
+        for log, level in zip(logs, levels, strict=True):
+            log.setLevel(level)
 
 
 def load_adapter(target: Any) -> Any:
-    """An adapter instance for ``target``: 'torch', 'peft', 'loralib', 'module:Class' (or
+    """An adapter instance for ``target``: a name in ``BUILTIN`` ('torch', 'peft', 'loralib',
+    'flax', 'keras', 'torchtune'), 'module:Class' (or
     'module:function' returning an adapter), a class, or an adapter object itself.
 
     Raises ``TargetError`` (unknown target, a module that does not import, a missing class, an
@@ -226,7 +259,14 @@ def load_adapter(target: Any) -> Any:
         for package in packages:
             try:
                 with _quiet_logs():
-                    importlib.import_module(package)
+                    if package == "keras":  # the backend is chosen at its first import: torch here
+                        from minilora.testing.adapters.keras_adapter import import_keras
+
+                        import_keras()
+                    else:
+                        importlib.import_module(package)
+            except FrameworkUnavailableError:
+                raise
             except ImportError as exc:
                 raise FrameworkUnavailableError(
                     f"target {target!r} needs {package}, which is not installed ({one_line(exc)}); "
@@ -282,6 +322,10 @@ def _checked(obj: Any, target: str) -> Any:
         unknown = [d for d in given if d not in valid]
         if unknown:
             raise TargetError(f"{target}.{attr} lists unknown names {unknown}; valid: {', '.join(valid)}")
+    if adapter_adam_eps(obj) not in ADAM_EPS:
+        raise TargetError(f"{target}.adam_eps must be one of {', '.join(ADAM_EPS)}; got {obj.adam_eps!r}")
+    if adapter_dora_bias(obj) not in DORA_BIAS:
+        raise TargetError(f"{target}.dora_bias must be one of {', '.join(DORA_BIAS)}; got {obj.dora_bias!r}")
     for dt in adapter_dtypes(obj):
         try:
             declared = declared_precision(obj, dt)

@@ -24,7 +24,7 @@ class TorchBase:
     """Conversions between the problems' NumPy arrays and torch tensors, one-thread runs,
     and the optimizer loop, for adapters built on torch."""
 
-    dtypes = ("float64", "float32", "float16", "bfloat16")
+    dtypes: tuple[str, ...] = ("float64", "float32", "float16", "bfloat16")
     framework = "torch"
     # torch's CPU matmuls carry float16/bfloat16 sums in float32 (measured: 1 + 1023 * 2^-9 sums
     # to 2.998 before the final rounding, where a bfloat16 sum would stop at 1); every elementwise
