@@ -5,12 +5,13 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import signal
 import sys
 import warnings
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
-from minilora.cli.common import EXIT_USAGE
+from minilora.cli.common import EXIT_USAGE, Stopped
 from minilora.errors import MiniLoraError
 
 __all__ = ["build_parser", "main"]
@@ -58,6 +59,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("minilora: interrupted", file=sys.stderr)
         return 130
+    except Stopped as exc:
+        print(f"minilora: stopped by {signal.Signals(exc.signum).name}", file=sys.stderr)
+        return 128 + exc.signum
     except BrokenPipeError:  # the reader went away (``minilora params | head``): not an error of ours
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
         return 141

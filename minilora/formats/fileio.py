@@ -6,11 +6,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import tempfile
 from collections.abc import Iterator
 from typing import IO, Any
 
-__all__ = ["atomic_open", "read_json"]
+__all__ = ["atomic_open", "read_json", "unwritable_reason"]
 
 
 @contextlib.contextmanager
@@ -23,8 +24,13 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb", **kwargs: Any) -> Ite
     """
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    tmp = None
+    blocked = _block_signals()
     try:
+        try:  # a handler raising between mkstemp's create and this assignment would leak the file
+            fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+        finally:
+            _restore_signals(blocked)  # a signal that came meanwhile is handled from here on
         with os.fdopen(fd, mode, **kwargs) as fh:
             yield fh
             fh.flush()
@@ -32,9 +38,39 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb", **kwargs: Any) -> Ite
         os.chmod(tmp, _mode_for(path))
         os.replace(tmp, path)
     except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+        if tmp is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
         raise
+
+
+# The signals a command turns into an exception (Ctrl-C; SIGTERM/SIGHUP/SIGQUIT in ``minilora
+# merge``): held back while the temp file is created, so one cannot land between its creation and
+# the ``try`` that removes it.
+_SIGNALS = tuple(getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT") if hasattr(signal, n))
+
+
+def _block_signals() -> Any:
+    if not hasattr(signal, "pthread_sigmask"):  # Windows: no signal masks
+        return None
+    return signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
+
+
+def _restore_signals(old: Any) -> None:
+    if old is not None:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def unwritable_reason(folder: str) -> str | None:
+    """Why no file can be created in ``folder`` (None when one can): a file is created and removed
+    there, since ``os.access`` says yes to root on a read-only mount or in /proc."""
+    try:
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".minilora-probe-", suffix=".tmp")
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as exc:
+        return exc.strerror or " ".join(str(exc).split())
+    return None
 
 
 def _mode_for(path: str) -> int:
@@ -46,12 +82,22 @@ def _mode_for(path: str) -> int:
         return 0o666 & ~umask
 
 
-def read_json(path: str, error: type[Exception], *, missing: str, invalid: str) -> Any:
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict:
+    out: dict = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"the key {key!r} appears twice (which one is meant?)")
+        out[key] = value
+    return out
+
+
+def read_json(path: str, error: type[Exception], *, missing: str, invalid: str, unique_keys: bool = False) -> Any:
     """The JSON value in ``path``; ``error(f"{path}: {missing}")`` when the file is absent and
-    ``error(f"{path}: {invalid} (the parser's reason)")`` when it cannot be read as UTF-8 JSON."""
+    ``error(f"{path}: {invalid} (the parser's reason)")`` when it cannot be read as UTF-8 JSON.
+    ``unique_keys``: an object with a key twice is invalid too (``json`` would keep the last)."""
     try:
         with open(path, encoding="utf-8") as fh:
-            return json.load(fh)
+            return json.load(fh, object_pairs_hook=_unique_keys if unique_keys else None)
     except FileNotFoundError:
         raise error(f"{path}: {missing}") from None
     except (OSError, UnicodeDecodeError, ValueError) as exc:

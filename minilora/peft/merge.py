@@ -46,7 +46,7 @@ import numpy as np
 from minilora.errors import MiniLoraValueError, NonFiniteError
 from minilora.formats import safetensors as st
 from minilora.formats.checkpoint import INDEX_NAME, MODEL_FILES, Checkpoint, open_checkpoint, read_tensor
-from minilora.formats.fileio import atomic_open
+from minilora.formats.fileio import atomic_open, unwritable_reason
 from minilora.formats.rounding import f32_to_bf16_bits
 from minilora.layers import merge_weight
 from minilora.peft.merge_plan import FLOAT, Job, MergeError, load_for_merge, make_plan
@@ -81,8 +81,8 @@ def _is_folder(out: str) -> bool:
 def _writable_folder(folder: str, what: str) -> None:
     if not os.path.isdir(folder):
         raise MergeError(f"{what}: folder {folder} does not exist")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise MergeError(f"{what}: folder {folder} is not writable")
+    if (reason := unwritable_reason(folder)) is not None:  # a real probe: os.access says yes to root
+        raise MergeError(f"{what}: cannot write in folder {folder}: {reason}")
 
 
 def check_outputs(out: str, ckpt: Checkpoint, adapter_dir: str) -> list[str]:
@@ -142,6 +142,9 @@ def merge_checkpoint(base: str | os.PathLike, adapter_dir: str | os.PathLike, ou
     "replaced": [{"tensor", "from"}], "tensors", "bytes"}. ``progress(name, bytes done, bytes total)``
     is called after each tensor is read."""
     base, out, adapter_dir = os.fspath(base), os.fspath(out), os.fspath(adapter_dir)
+    for what, path in (("BASE", base), ("ADAPTER_DIR", adapter_dir), ("OUT", out)):
+        if not path:
+            raise MergeError(f"{what}: an empty path")
     if not math.isfinite(scale):
         raise MiniLoraValueError(f"--scale must be finite; got {scale}")
     target = None
@@ -179,12 +182,23 @@ def merge_checkpoint(base: str | os.PathLike, adapter_dir: str | os.PathLike, ou
             with contextlib.suppress(OSError):
                 os.rmdir(out)
         if isinstance(exc, OSError):
-            raise MergeError(f"{exc.filename or state['path']}: cannot write: {exc.strerror or exc}") from None
+            raise _os_error(exc, str(state["path"]), ckpt.files()) from None
         raise
     rows = [{**r, "scale": r["scale"] * scale} for r in plan.rows]
     replaced = [{"tensor": b, "from": j.why} for b, j in plan.jobs.items() if j.replace is not None]
     return {"out": out, "files": paths, "unmerge": unmerge, "dtype": dtype, "modules": rows, "replaced": replaced,
             "tensors": len(ckpt.entries), "bytes": total}
+
+
+def _os_error(exc: OSError, path: str, inputs: list[str]) -> MergeError:
+    """An OSError during the merge as one line naming the file: the output being written (not its
+    hidden temp file), or an input that could not be read."""
+    name = exc.filename if isinstance(exc.filename, str) else None
+    base = os.path.basename(path)
+    if name is None or (os.path.basename(name).startswith(f".{base}.") and name.endswith(".tmp")):
+        name = path
+    verb = "read" if name in inputs else "write"
+    return MergeError(f"{name}: cannot {verb}: {exc.strerror or ' '.join(str(exc).split())}")
 
 
 def _write_file(dst: Any, shards: list, plan: Any, adapter: Any, scale: float, unmerge: bool, target: str | None,
