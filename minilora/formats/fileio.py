@@ -8,6 +8,7 @@ import json
 import os
 import signal
 import tempfile
+import threading
 from collections.abc import Iterator
 from typing import IO, Any
 
@@ -25,12 +26,9 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb", **kwargs: Any) -> Ite
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     tmp = None
-    blocked = _block_signals()
     try:
-        try:  # a handler raising between mkstemp's create and this assignment would leak the file
+        with _signals_held():  # a handler raising between mkstemp's create and this assignment would leak it
             fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-        finally:
-            _restore_signals(blocked)  # a signal that came meanwhile is handled from here on
         with os.fdopen(fd, mode, **kwargs) as fh:
             yield fh
             fh.flush()
@@ -45,29 +43,48 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb", **kwargs: Any) -> Ite
 
 
 # The signals a command turns into an exception (Ctrl-C; SIGTERM/SIGHUP/SIGQUIT in ``minilora
-# merge``): held back while the temp file is created, so one cannot land between its creation and
-# the ``try`` that removes it.
+# merge``): held back while a temp file is created, so one cannot land between its creation and
+# the ``try`` that removes it. Not with a signal mask: a process-directed signal goes to any thread
+# that does not block it (NumPy's BLAS threads), and Python runs the handler in the main thread all
+# the same. Instead the handlers are swapped for one that notes the signal, and the old handlers
+# get the noted signals once the temp file's name is held.
 _SIGNALS = tuple(getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT") if hasattr(signal, n))
 
 
-def _block_signals() -> Any:
-    if not hasattr(signal, "pthread_sigmask"):  # Windows: no signal masks
-        return None
-    return signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
-
-
-def _restore_signals(old: Any) -> None:
-    if old is not None:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    if threading.current_thread() is not threading.main_thread():  # handlers run in the main thread only
+        yield
+        return
+    noted: list[tuple[int, Any]] = []
+    old: dict[int, Any] = {}
+    for sig in _SIGNALS:
+        handler = signal.getsignal(sig)
+        if handler is None:  # a handler not set from Python: it cannot be put back, so leave it
+            continue
+        old[sig] = handler
+        signal.signal(sig, lambda signum, frame: noted.append((signum, frame)))
+    try:
+        yield
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+        for signum, frame in noted:  # as if they came now: a raising handler raises here
+            handler = old[signum]
+            if callable(handler):
+                handler(signum, frame)
+            elif handler == signal.SIG_DFL:
+                signal.raise_signal(signum)
 
 
 def unwritable_reason(folder: str) -> str | None:
     """Why no file can be created in ``folder`` (None when one can): a file is created and removed
     there, since ``os.access`` says yes to root on a read-only mount or in /proc."""
     try:
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".minilora-probe-", suffix=".tmp")
-        os.close(fd)
-        os.unlink(tmp)
+        with _signals_held():  # a signal meanwhile would leave the probe file behind
+            fd, tmp = tempfile.mkstemp(dir=folder, prefix=".minilora-probe-", suffix=".tmp")
+            os.close(fd)
+            os.unlink(tmp)
     except OSError as exc:
         return exc.strerror or " ".join(str(exc).split())
     return None
