@@ -12,7 +12,7 @@ import threading
 from collections.abc import Iterator
 from typing import IO, Any
 
-__all__ = ["atomic_open", "read_json", "unwritable_reason"]
+__all__ = ["atomic_open", "atomic_files", "AtomicFiles", "read_json", "unwritable_reason"]
 
 
 @contextlib.contextmanager
@@ -23,20 +23,53 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb", **kwargs: Any) -> Ite
     the old file's permissions, or those a plain ``open`` would give (0o666 less the umask):
     ``mkstemp``'s private 0o600 would otherwise leak through the rename.
     """
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    tmp = None
-    try:
-        with _signals_held():  # a handler raising between mkstemp's create and this assignment would leak it
+    with atomic_files() as files:
+        yield files.open(path, mode, **kwargs)
+
+
+class AtomicFiles:
+    """The files of one ``atomic_files`` block: ``open(path, mode)`` gives a temp file beside
+    ``path``, renamed over it when the block ends without an exception."""
+
+    def __init__(self) -> None:
+        self.entries: list[tuple[IO[Any] | None, str, str]] = []  # (file, temp path, path)
+
+    def open(self, path: str | os.PathLike, mode: str = "wb", **kwargs: Any) -> IO[Any]:
+        path = os.fspath(path)
+        folder = os.path.dirname(os.path.abspath(path))
+        with _signals_held():  # a handler raising between mkstemp's create and the append would leak it
             fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-        with os.fdopen(fd, mode, **kwargs) as fh:
-            yield fh
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, _mode_for(path))
-        os.replace(tmp, path)
+            self.entries.append((None, tmp, path))
+        fh = os.fdopen(fd, mode, **kwargs)
+        self.entries[-1] = (fh, tmp, path)
+        return fh
+
+
+@contextlib.contextmanager
+def atomic_files() -> Iterator[AtomicFiles]:
+    """Write several files as one: all or none. Every file is flushed to disk first, then all are
+    renamed (signals held back meanwhile); on any exception every temp file is removed and every
+    ``path`` is left as it was. An OSError while finishing a file names that file's path."""
+    files = AtomicFiles()
+    try:
+        yield files
+        for fh, tmp, path in files.entries:
+            try:
+                assert fh is not None
+                fh.flush()
+                os.fsync(fh.fileno())
+                fh.close()
+                os.chmod(tmp, _mode_for(path))
+            except OSError as exc:
+                raise OSError(exc.errno, exc.strerror, path) from None
+        with _signals_held():
+            for _, tmp, path in files.entries:
+                os.replace(tmp, path)
     except BaseException:
-        if tmp is not None:
+        for fh, tmp, _ in files.entries:
+            with contextlib.suppress(OSError):
+                if fh is not None:
+                    fh.close()
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
         raise

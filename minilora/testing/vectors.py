@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from minilora.errors import MiniLoraError, NonFiniteError, ShapeError
-from minilora.formats.fileio import atomic_open, read_json
+from minilora.formats.fileio import atomic_files, read_json
 from minilora.formats.safetensors import SafetensorsError, load_bytes, save_bytes
 from minilora.testing.vector_cases import (
     ADAM_CASES,
@@ -192,17 +192,17 @@ def _export(folder: str, __version__: str) -> list[str]:
     written = []
     # every file goes to a temp file, and all are renamed at the end: a failure (a full disk, a
     # signal) leaves the folder as it was, never new group files under an old manifest
-    with contextlib.ExitStack() as stack:
+    with atomic_files() as files:
         for group, tensors in _groups():
             filename = f"{group['name']}.safetensors"
             path = os.path.join(folder, filename)
             data = save_bytes(tensors, {"minilora_version": __version__, "group": group["name"]})
-            stack.enter_context(atomic_open(path, "wb")).write(data)
+            files.open(path, "wb").write(data)
             manifest["files"][filename] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
             manifest["groups"].append({**group, "file": filename})
             written.append(path)
         path = os.path.join(folder, MANIFEST)
-        fh = stack.enter_context(atomic_open(path, "w", encoding="utf-8"))
+        fh = files.open(path, "w", encoding="utf-8")
         json.dump(manifest, fh, indent=1, allow_nan=False)
         fh.write("\n")
         written.append(path)

@@ -201,3 +201,95 @@ def test_warnings_are_one_line_without_their_source_line() -> None:
 def test_the_real_exit_path_for_a_folder_as_output(tmp_path: Path) -> None:
     out = run_cli("demo", "--steps", "3", "--plot", str(tmp_path))
     assert_one_line_error(out, "--plot", str(tmp_path), "is a folder")
+
+
+# ---------------------------------------------------------------- found by the issue-14 audit
+
+
+EMPTY = [
+    pytest.param(("demo", "--plot", ""), "--plot", id="demo-plot"),
+    pytest.param(("sweep", "--plot", ""), "--plot", id="sweep-plot"),
+    pytest.param(("sweep", "--json", ""), "--json", id="sweep-json"),
+    pytest.param(("sweep", "--scheduler", ""), "--scheduler", id="sweep-scheduler"),
+    pytest.param(("check", "torch", "--json", ""), "--json", id="check-json"),
+    pytest.param(("check", ""), "TARGET", id="check-target"),
+    pytest.param(("vectors", "export", ""), "DIR", id="vectors-export"),
+    pytest.param(("vectors", "verify", ""), "DIR", id="vectors-verify"),
+    pytest.param(("merge", "b.safetensors", "ad", ""), "OUT", id="merge-out"),
+    pytest.param(("merge", "", "ad", "o.safetensors"), "BASE", id="merge-base"),
+    pytest.param(("merge", "b.safetensors", "", "o.safetensors"), "ADAPTER_DIR", id="merge-adapter"),
+    pytest.param(("inspect", ""), "ADAPTER_DIR", id="inspect-adapter"),
+    pytest.param(("inspect", "ad", "--base", ""), "--base", id="inspect-base"),
+]
+
+
+@pytest.mark.parametrize(("argv", "name"), EMPTY)
+def test_an_empty_path_is_a_usage_error_not_no_option(capsys: Any, monkeypatch: Any, argv: tuple, name: str) -> None:
+    """``--plot ''`` used to mean no --plot (nothing written, exit 0); merge's OUT '' an error
+    without a path."""
+    started = []
+    monkeypatch.setattr("minilora.study.seed.seed_experiment", lambda **kw: started.append(1))
+    monkeypatch.setattr("minilora.study.sweep.sweep", lambda *a, **kw: started.append(1))
+    with pytest.raises(SystemExit) as info:
+        main(list(argv))
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    _one_line(2, err, f"argument {name}", "empty string")
+    assert started == []
+
+
+def test_check_refuses_a_json_path_that_is_the_targets_own_source(tmp_path: Path, capsys: Any,
+                                                                    monkeypatch: Any) -> None:
+    """``check --json mod.py mod:Adapter`` wrote the report over the adapter's code."""
+    require("hypothesis")
+    source = (Path(__file__).parents[1] / "testing" / "numpy_adapter.py").read_text()
+    module = tmp_path / "h4_victim_adapter.py"
+    module.write_text(source)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    code, out, err = _run(capsys, "check", "h4_victim_adapter:NumpyAdapter", "--property", "forward",
+                          "--dtype", "float64", "--max-examples", "0", "--json", str(module))
+    _one_line(code, err, "--json", str(module), "source of the target")
+    assert module.read_text() == source and out == ""
+
+
+def test_vectors_export_to_a_file_with_a_slash_gives_the_right_reason(tmp_path: Path, capsys: Any) -> None:
+    (tmp_path / "f").write_text("x")
+    code, _, err = _run(capsys, "vectors", "export", str(tmp_path / "f") + "/")
+    _one_line(code, err, "exists and is not a folder")  # was 'cannot write: File exists', after the probe
+
+
+def _fail_at_fsync(monkeypatch: Any, nth: int) -> None:
+    """ENOSPC at the ``nth`` file flushed (1-based): the files before it were written whole."""
+    real, calls = os.fsync, []
+
+    def fsync(fd: int) -> None:
+        calls.append(fd)
+        if len(calls) == nth:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+
+
+def test_vectors_export_that_fails_late_leaves_the_old_vectors_whole(tmp_path: Path, capsys: Any,
+                                                                      monkeypatch: Any) -> None:
+    """A full disk at the manifest (the last file) used to leave new group files under the old
+    manifest; now every file is renamed at the end, so the old set stays as it was."""
+    folder = tmp_path / "vec"
+    assert main(["vectors", "export", str(folder)]) == 0
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    for p in folder.glob("*.safetensors"):  # an older set: different bytes in every file
+        p.write_bytes(b"old " + p.read_bytes())
+    old = {p.name: p.read_bytes() for p in folder.iterdir()}
+    capsys.readouterr()
+    _fail_at_fsync(monkeypatch, len(before))
+    code, _, err = _run(capsys, "vectors", "export", str(folder))
+    _one_line(code, err, str(folder), "No space left")
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == old
+
+
+def test_vectors_export_that_fails_removes_the_folder_it_made(tmp_path: Path, capsys: Any, monkeypatch: Any) -> None:
+    _fail_at_fsync(monkeypatch, 1)
+    code, _, err = _run(capsys, "vectors", "export", str(tmp_path / "new"))
+    _one_line(code, err, "No space left")
+    assert list(tmp_path.iterdir()) == []
