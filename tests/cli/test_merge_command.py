@@ -304,3 +304,33 @@ def test_json_summary_progress_and_inspect_base(tmp_path: Path, capsys: Any, mon
     info = json.loads(capsys.readouterr().out)
     assert [r["module"] for r in info["base"]["merged"]] == ["fc"] and info["base"]["refused"] == []
     assert sorted(tmp_path.iterdir()) == before  # inspect writes nothing
+
+
+def test_a_late_write_error_leaves_every_file_of_an_old_out_folder(tmp_path: Path, monkeypatch: Any,
+                                                                   capsys: Any) -> None:
+    """A sharded merge into a folder holding an older merge: ENOSPC at the last file's flush used
+    to come after the first shard was renamed (new shard 1 beside old shard 2 and old index)."""
+    import minilora.formats.fileio as fileio
+
+    folder = _sharded(tmp_path)
+    _, ad = _setup(tmp_path)
+    out = tmp_path / "merged"
+    assert cli.main(["merge", str(folder), str(ad), str(out)]) == 0
+    for p in out.iterdir():
+        p.write_bytes(b"old " + p.name.encode())
+    old = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert len(old) == 3  # two shards and the index
+    real, calls = fileio.os.fsync, []
+
+    def fsync(fd: int) -> None:
+        calls.append(fd)
+        if len(calls) == len(old):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real(fd)
+
+    monkeypatch.setattr(fileio.os, "fsync", fsync)
+    capsys.readouterr()
+    assert cli.main(["merge", str(folder), str(ad), str(out)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(out) in err[0] and "No space left" in err[0] and ".tmp" not in err[0], err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == old
