@@ -130,8 +130,10 @@ def hvp(fun: Callable, argnum: int = 0) -> Callable:
     Computed forward-over-reverse (a JVP of ``grad``), exact to rounding; every minilora
     primitive is differentiable to any order, so this holds for any function built from them.
     """
-    if type(argnum) is not int:
-        raise MiniLoraTypeError(f"hvp takes one argnum (an int); got {type(argnum).__name__}")
+    checked = _check_argnum(argnum)  # NumPy integers accepted, as by grad
+    if type(checked) is not int:
+        raise MiniLoraTypeError(f"hvp takes one argnum (an int); got {argnum!r} ({type(argnum).__name__})")
+    argnum = checked
     vg = _lean_value_and_grad(fun, argnum)
 
     @functools.wraps(fun)
