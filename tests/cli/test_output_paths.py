@@ -293,3 +293,21 @@ def test_vectors_export_that_fails_removes_the_folder_it_made(tmp_path: Path, ca
     code, _, err = _run(capsys, "vectors", "export", str(tmp_path / "new"))
     _one_line(code, err, "No space left")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.name != "posix", reason="file names that are not UTF-8 exist on POSIX")
+def test_a_file_name_that_is_not_utf8_prints_on_a_strict_stdout(tmp_path: Path) -> None:
+    """With a strict stdout (en_US.UTF-8 and most locales but C.UTF-8), printing a name holding
+    a byte that is not UTF-8 ('\\udcff' once decoded) raised UnicodeEncodeError after the export."""
+    import subprocess
+    import sys
+
+    name = os.fsencode(str(tmp_path)) + b"/v\xff"
+    env = {**os.environ, "PYTHONIOENCODING": "utf-8:strict",
+           "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    out = subprocess.run([sys.executable, "-m", "minilora", "vectors", "export", name], env=env,
+                         capture_output=True, timeout=120)
+    assert out.returncode == 0 and b"Traceback" not in out.stderr, out.stderr
+    assert b"v\xff: forward.safetensors" in out.stdout
+    assert (Path(os.fsdecode(name)) / "manifest.json").is_file()
