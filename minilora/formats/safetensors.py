@@ -109,7 +109,11 @@ def float_to_bf16_bits(a: Any) -> np.ndarray:
 
 def bf16_bits_to_float32(bits: Any) -> np.ndarray:
     """float32 values of bfloat16 bit patterns (uint16): exact, NaN payloads kept."""
-    b = np.asarray(bits, dtype=np.uint16)
+    a = np.asarray(bits)
+    if a.dtype != np.uint16 and not (a.dtype.kind in "iu" and (a.size == 0 or (a.min() >= 0 and a.max() <= 0xFFFF))):
+        raise SafetensorsError(f"bits must be bfloat16 bit patterns (uint16 values); got {_short(a.dtype)}"
+                               + (f" values in [{a.min()}, {a.max()}]" if a.dtype.kind in "iu" else ""))
+    b = a.astype(np.uint16)
     return (b.astype(np.uint32) << np.uint32(16)).view(np.float32).reshape(b.shape)
 
 
@@ -315,7 +319,9 @@ def load_bytes(data: bytes, *, name: str = "<bytes>", bf16: str = "float32") -> 
     """Decode safetensors ``data`` into {tensor name: NumPy array} (new, writable arrays in
     native byte order). ``name`` is used in error messages. BF16 tensors come back as float32
     (``bf16="float32"``) or as their uint16 bit patterns (``bf16="bits"``)."""
-    tensors, _ = _decode(data, name, bf16)
+    if not isinstance(data, bytes | bytearray | memoryview):
+        raise SafetensorsError(f"{name}: data must be bytes (a safetensors file's contents); got {type(data).__name__}")
+    tensors, _ = _decode(bytes(data), name, bf16)
     return tensors
 
 
