@@ -311,3 +311,18 @@ def test_a_file_name_that_is_not_utf8_prints_on_a_strict_stdout(tmp_path: Path) 
     assert out.returncode == 0 and b"Traceback" not in out.stderr, out.stderr
     assert b"v\xff: forward.safetensors" in out.stdout
     assert (Path(os.fsdecode(name)) / "manifest.json").is_file()
+
+
+def test_check_on_a_full_disk_at_the_write_is_one_line(tmp_path: Path, capsys: Any, monkeypatch: Any) -> None:
+    """The check-json case of the full-disk test above, with a NumPy adapter (no torch needed)."""
+    require("hypothesis")
+    module = tmp_path / "h4_full_adapter.py"
+    module.write_text((Path(__file__).parents[1] / "testing" / "numpy_adapter.py").read_text())
+    monkeypatch.syspath_prepend(str(tmp_path))
+    target = tmp_path / "report.json"
+    _full_disk(monkeypatch)
+    code, out, err = _run(capsys, "check", "h4_full_adapter:NumpyAdapter", "--property", "forward", "--dtype",
+                          "float64", "--max-examples", "0", "--json", str(target))
+    _one_line(code, err, "--json", str(target), "cannot write", "No space left")
+    assert sorted(p.name for p in tmp_path.iterdir() if p.suffix != ".pyc" and p.name != "__pycache__") == \
+        ["h4_full_adapter.py"] and out == ""  # no report, no temp file; nothing printed before the write
