@@ -72,7 +72,7 @@ def check_real(value: Any, name: str, *, low: float | None = None, high: float |
 
 
 def check_choice(value: Any, name: str, choices: tuple[str, ...]) -> str:
-    if value not in choices:
+    if not (isinstance(value, str) and value in choices):  # (an array's ``in`` is ambiguous)
         raise MiniLoraValueError(
             f"{name} must be one of {', '.join(repr(c) for c in choices)}; got {value!r}"
         )
@@ -172,6 +172,8 @@ def check_rng(rng: Any) -> np.random.Generator:
     if isinstance(rng, np.random.Generator):
         return rng
     if isinstance(rng, numbers.Integral) and not isinstance(rng, bool):
+        if rng < 0:  # NumPy's own refusal names no argument
+            raise MiniLoraValueError(f"rng as an int seed must be >= 0; got {rng}")
         return np.random.default_rng(int(rng))
     raise MiniLoraTypeError(
         f"rng must be a numpy.random.Generator or an int seed; got {type(rng).__name__}"

@@ -76,7 +76,7 @@ def float_dtype(xp: Any, name: Any) -> Any:
     else:
         try:
             key = np.dtype(name).name
-        except TypeError:  # another namespace's dtype object, e.g. array_api_strict.float64
+        except (TypeError, ValueError):  # another namespace's dtype object, e.g. array_api_strict.float64
             key = str(name).rsplit(".", 1)[-1]
     if key not in _FLOAT_NAMES:
         raise MiniLoraTypeError(f"dtype must be one of {', '.join(_FLOAT_NAMES)}; got {name!r}")
@@ -178,6 +178,9 @@ def to_numpy(tree: Any) -> Any:
             return np.asarray(a)
         if hasattr(a, "get"):  # CuPy
             return np.asarray(a.get())
+        if not hasattr(a, "to_device"):
+            raise MiniLoraTypeError(f"to_numpy takes arrays, numbers or trees of them; got a leaf of type "
+                                    f"{type(a).__name__}")
         return np.asarray(a.to_device(_cpu_device(namespace_of(a))))
 
     return tree_map(one, tree)

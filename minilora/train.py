@@ -37,6 +37,7 @@ def _register(tree: Any) -> None:
 def grad(fun: Callable, argnum: int | tuple[int, ...] = 0) -> Callable:
     """autograd's ``grad`` (gradient of a scalar function w.r.t. argument ``argnum``), also for
     non-NumPy array types: the returned function has the structure of that argument."""
+    _check_callable(fun, "fun")
     argnum = _check_argnum(argnum)
     g = _lean_value_and_grad(fun, argnum) if type(argnum) is int else autograd.grad(fun, argnum)
 
@@ -44,6 +45,7 @@ def grad(fun: Callable, argnum: int | tuple[int, ...] = 0) -> Callable:
     def grad_fun(*args: Any, **kwargs: Any) -> Any:
         _check_argnums_in_range(argnum, args)
         _register(args)
+        _check_differentiable(args, argnum)
         out = g(*args, **kwargs)
         return out[1] if type(argnum) is int else out
 
@@ -52,6 +54,7 @@ def grad(fun: Callable, argnum: int | tuple[int, ...] = 0) -> Callable:
 
 def value_and_grad(fun: Callable, argnum: int | tuple[int, ...] = 0) -> Callable:
     """autograd's ``value_and_grad``: returns ``(fun(*args), gradient w.r.t. argnum)``."""
+    _check_callable(fun, "fun")
     argnum = _check_argnum(argnum)
     vg = _lean_value_and_grad(fun, argnum) if type(argnum) is int else autograd.value_and_grad(fun, argnum)
 
@@ -59,9 +62,15 @@ def value_and_grad(fun: Callable, argnum: int | tuple[int, ...] = 0) -> Callable
     def value_and_grad_fun(*args: Any, **kwargs: Any) -> Any:
         _check_argnums_in_range(argnum, args)
         _register(args)
+        _check_differentiable(args, argnum)
         return vg(*args, **kwargs)
 
     return value_and_grad_fun
+
+
+def _check_callable(fun: Any, name: str) -> None:
+    if not callable(fun):
+        raise MiniLoraTypeError(f"{name} must be a function; got {type(fun).__name__}")
 
 
 def _check_argnum(argnum: Any) -> int | tuple[int, ...]:
@@ -75,6 +84,20 @@ def _check_argnum(argnum: Any) -> int | tuple[int, ...]:
         return tuple(int(a) for a in argnum)
     raise MiniLoraTypeError(f"argnum must be an int or a non-empty tuple of ints; got {argnum!r} "
                             f"({type(argnum).__name__})")
+
+
+def _check_differentiable(args: tuple, argnum: int | tuple[int, ...]) -> None:
+    """Every leaf of a differentiated argument has a vector space (floats and arrays): None or a
+    string was autograd's raw TypeError from inside the trace."""
+    for i in (argnum,) if isinstance(argnum, int) else argnum:
+        if not -len(args) <= i < len(args):
+            continue  # the int's range is checked by the call itself
+        for path, leaf in labelled_leaves(args[i]) or [("", args[i])]:
+            try:
+                vspace(leaf)
+            except TypeError:
+                raise MiniLoraTypeError(f"argument {i}{path} cannot be differentiated: it is a {type(leaf).__name__} "
+                                        "(differentiate float arrays or numbers)") from None
 
 
 def _check_argnums_in_range(argnum: int | tuple[int, ...], args: tuple) -> None:
@@ -130,8 +153,11 @@ def hvp(fun: Callable, argnum: int = 0) -> Callable:
     Computed forward-over-reverse (a JVP of ``grad``), exact to rounding; every minilora
     primitive is differentiable to any order, so this holds for any function built from them.
     """
-    if type(argnum) is not int:
-        raise MiniLoraTypeError(f"hvp takes one argnum (an int); got {type(argnum).__name__}")
+    _check_callable(fun, "fun")
+    checked = _check_argnum(argnum)  # NumPy integers accepted, as by grad
+    if type(checked) is not int:
+        raise MiniLoraTypeError(f"hvp takes one argnum (an int); got {argnum!r} ({type(argnum).__name__})")
+    argnum = checked
     vg = _lean_value_and_grad(fun, argnum)
 
     @functools.wraps(fun)
@@ -270,6 +296,9 @@ def fit(
     A non-finite loss raises ``NonFiniteError`` naming the step; its ``partial`` holds
     ``(params, losses, state)`` as of the last finite step, so nothing is lost.
     """
+    _check_callable(loss_fn, "loss_fn")
+    if callback is not None:
+        _check_callable(callback, "callback")
     steps = check_count(steps, "steps")
     return_state = check_bool(return_state, "return_state")
     if not (callable(data_or_args) or isinstance(data_or_args, tuple)):

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Any
 
-from minilora.cli.common import Progress, fail, int_at_least, output_file_problem, writing
+from minilora.cli.common import Progress, fail, int_at_least, output_file_problem, path_argument, writing
 from minilora.formats.fileio import atomic_open
 
 DTYPE_CHOICES = ("float64", "float32", "float16", "bfloat16")
@@ -25,11 +26,11 @@ def register(sub: Any) -> None:
         "against TARGET in each dtype it supports, over fixed edge cases and seeded hypothesis cases, "
         "with the tolerance of minilora.testing (docs/tolerance.md). Exits 1 if any property fails.",
     )
-    check.add_argument("target", metavar="TARGET", help="torch, peft, loralib, or module:Class for your own adapter")
+    check.add_argument("target", metavar="TARGET", type=path_argument("a target"), help="torch, peft, loralib, or module:Class for your own adapter")
     check.add_argument("--max-examples", type=int_at_least(0), default=20,
                        help="hypothesis cases per dtype, besides the fixed edge cases (default 20)")
     check.add_argument("--seed", type=int_at_least(0), default=0, help="seed of the hypothesis cases (default 0)")
-    check.add_argument("--json", metavar="PATH", help="also write the report as JSON to PATH")
+    check.add_argument("--json", metavar="PATH", type=path_argument(), help="also write the report as JSON to PATH")
     check.add_argument("--dtype", action="append", choices=DTYPE_CHOICES,
                        help="only this dtype (repeatable; default: every dtype the target supports)")
     check.add_argument("--property", action="append", choices=PROPERTIES, dest="properties",
@@ -49,6 +50,8 @@ def run(args: argparse.Namespace) -> int:
     if args.json and (problem := output_file_problem("--json", args.json)):
         return fail(problem)
     adapter = load_adapter(args.target)  # a bad target raises a MiniLoraError: one line from cli.main
+    if args.json and (source := _source_of(args.json, args.target, adapter)):
+        return fail(f"--json {args.json}: is the source of the target ({source}); write the report elsewhere")
     pairs = planned(adapter, args.dtype, args.properties)
     if not pairs:
         return fail(f"nothing to check: {args.target} runs none of the properties {args.properties or 'all'} in "
@@ -91,6 +94,19 @@ def run(args: argparse.Namespace) -> int:
         print(f"all {total - others} checks passed{tail} ({report.seconds:.1f} s)")
     sys.stdout.flush()
     return 0 if report.passed else 1
+
+
+def _source_of(path: str, target: str, adapter: Any) -> str | None:
+    """The target's module file (the module named in 'module:Class', or the adapter class's) when
+    ``path`` is that file: the report must not be written over the code it checks."""
+    if not os.path.exists(path):
+        return None
+    names = {type(adapter).__module__} | ({target.split(":", 1)[0]} if ":" in target else set())
+    for name in names:
+        source = getattr(sys.modules.get(name), "__file__", None)
+        if source and os.path.exists(source) and os.path.samefile(path, source):
+            return source
+    return None
 
 
 def _declared_line(declared: dict) -> str:

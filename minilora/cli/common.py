@@ -8,11 +8,11 @@ import argparse
 import contextlib
 import os
 import sys
-import tempfile
 from collections.abc import Iterator
 from typing import Any
 
 from minilora.errors import MiniLoraValueError
+from minilora.formats.fileio import unwritable_reason
 
 EXIT_USAGE = 2
 
@@ -29,6 +29,18 @@ def int_at_least(minimum: int) -> Any:
         if value < minimum:
             raise argparse.ArgumentTypeError(f"expected {what}, got {value}")
         return value
+
+    return parse
+
+
+def path_argument(what: str = "a path") -> Any:
+    """An argparse type: a non-empty string (``--plot ''`` would otherwise be read as no
+    ``--plot`` at all, and an empty OUT as the current folder)."""
+
+    def parse(text: str) -> str:
+        if not text:
+            raise argparse.ArgumentTypeError(f"expected {what}, got an empty string")
+        return text
 
     return parse
 
@@ -73,6 +85,16 @@ class Progress:
 # ---------------------------------------------------------------- output paths
 
 
+class Stopped(BaseException):
+    """A signal (SIGTERM, SIGHUP, SIGQUIT) ending a command the way Ctrl-C does: raised by the
+    handler, so the stack unwinds and temp files go; ``cli.main`` prints one line and exits
+    128 + the signal number."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
 class OutputError(MiniLoraValueError):
     """An output path that cannot be written (reported by ``cli.main`` as one line)."""
 
@@ -84,13 +106,8 @@ def _label(option: str, path: str) -> str:
 def _probe(label: str, folder: str) -> str | None:
     """Create and remove a file in ``folder``: a read-only or otherwise unwritable location is
     found before the work, not after it (os.access would say yes to root on a read-only mount)."""
-    try:
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".minilora-probe-", suffix=".tmp")
-        os.close(fd)
-        os.unlink(tmp)
-    except OSError as exc:
-        return f"{label}: cannot write in {folder}: {exc.strerror or exc}"
-    return None
+    reason = unwritable_reason(folder)
+    return None if reason is None else f"{label}: cannot write in {folder}: {reason}"
 
 
 def output_file_problem(option: str, path: str) -> str | None:
@@ -115,7 +132,8 @@ def output_folder_problem(option: str, path: str) -> str | None:
     label = _label(option, path)
     if not path:
         return f"{option}: an empty path"
-    if os.path.lexists(path) and not os.path.isdir(path):
+    bare = path.rstrip("/" + os.sep) or path  # 'file/' names the file: lexists('file/') is False
+    if os.path.lexists(bare) and not os.path.isdir(bare):
         return f"{label}: exists and is not a folder"
     if os.path.isdir(path):
         return _probe(label, path)

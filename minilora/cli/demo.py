@@ -6,7 +6,7 @@ import argparse
 import json
 from typing import Any
 
-from minilora.cli.common import Progress, fail, int_at_least, output_file_problem, writing
+from minilora.cli.common import Progress, fail, int_at_least, output_file_problem, path_argument, writing
 from minilora.study.plots import pyplot, save_png
 
 
@@ -34,7 +34,7 @@ def register(sub: Any) -> None:
         help="array backend (array_api_strict runs on its non-default 'device1', like a GPU)",
     )
     demo.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
-    demo.add_argument("--plot", metavar="PATH", help="write the loss curve as a PNG (needs matplotlib)")
+    demo.add_argument("--plot", metavar="PATH", type=path_argument(), help="write the loss curve as a PNG (needs matplotlib)")
     demo.set_defaults(func=run)
 
 

@@ -8,6 +8,8 @@ import argparse
 import json
 from typing import Any
 
+from minilora.cli.common import path_argument
+
 __all__ = ["register"]
 
 
@@ -17,8 +19,8 @@ def register(sub: Any) -> None:
                        "each adapted module with its shape, rank r, alpha, scale and parameter count. With --base, "
                        "check it against BASE: what would be merged, copied in, or refused and why (nothing is "
                        "written).")
-    p.add_argument("adapter", metavar="ADAPTER_DIR")
-    p.add_argument("--base", metavar="BASE", help="a .safetensors file, sharded index or model folder to check against")
+    p.add_argument("adapter", metavar="ADAPTER_DIR", type=path_argument())
+    p.add_argument("--base", metavar="BASE", type=path_argument(), help="a .safetensors file, sharded index or model folder to check against")
     p.add_argument("--allow-inexact", action="store_true", help="with --base: as merge --allow-inexact (modules "
                    "whose bit-equality with PEFT is not guaranteed count as merged, not refused)")
     p.add_argument("--json", action="store_true", help="print one JSON object")

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import os
+import signal
 import sys
 import warnings
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
-from minilora.cli.common import EXIT_USAGE
+from minilora.cli.common import EXIT_USAGE, Stopped
 from minilora.errors import MiniLoraError
 
 __all__ = ["build_parser", "main"]
@@ -46,10 +48,25 @@ def _one_line_warning(message: Any, category: type[Warning], filename: str, line
     return f"minilora: warning: {category.__name__}: {' '.join(str(message).split())}\n"
 
 
+def _raw_file_names(stream: Any) -> str | None:
+    """Let ``stream`` print file names that are not UTF-8 (on POSIX they arrive as surrogate
+    escapes, '\\udcff'): a strict stdout (a UTF-8 locale other than C.UTF-8) raised
+    UnicodeEncodeError after the work was done. Returns the old ``errors`` to put back."""
+    old = getattr(stream, "errors", None)
+    if old != "strict" or not hasattr(stream, "reconfigure"):
+        return None
+    try:
+        stream.reconfigure(errors="surrogateescape")  # the name's own bytes, as ls prints them
+    except (ValueError, OSError):
+        return None
+    return old
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     saved, warnings.formatwarning = warnings.formatwarning, _one_line_warning
+    stdout, errors = sys.stdout, _raw_file_names(sys.stdout)
     try:
         return int(args.func(args) or 0)
     except MiniLoraError as exc:
@@ -58,6 +75,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("minilora: interrupted", file=sys.stderr)
         return 130
+    except Stopped as exc:
+        print(f"minilora: stopped by {signal.Signals(exc.signum).name}", file=sys.stderr)
+        return 128 + exc.signum
     except BrokenPipeError:  # the reader went away (``minilora params | head``): not an error of ours
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
         return 141
@@ -67,3 +87,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     finally:
         warnings.formatwarning = saved
+        if errors is not None:
+            with contextlib.suppress(ValueError, OSError):
+                stdout.reconfigure(errors=errors)  # type: ignore[union-attr]

@@ -10,7 +10,7 @@ import sys
 from collections.abc import Iterator
 from typing import Any
 
-from minilora.cli.common import Progress
+from minilora.cli.common import Progress, Stopped, path_argument
 from minilora.peft.merge import DTYPE_NAMES, merge_checkpoint
 
 __all__ = ["register", "signals_exit"]
@@ -30,10 +30,10 @@ def register(sub: Any) -> None:
         "fan_in_fan_out decided per module); each tensor keeps its dtype unless --dtype. "
         "Tensors are processed one at a time and OUT is written atomically.",
     )
-    p.add_argument("base", metavar="BASE", help="base weights: a .safetensors file, a sharded index "
+    p.add_argument("base", metavar="BASE", type=path_argument(), help="base weights: a .safetensors file, a sharded index "
                    "(model.safetensors.index.json) or a model folder")
-    p.add_argument("adapter", metavar="ADAPTER_DIR", help="folder with adapter_config.json and adapter_model.safetensors")
-    p.add_argument("out", metavar="OUT", help="a .safetensors file, or a folder (trailing slash, existing folder or "
+    p.add_argument("adapter", metavar="ADAPTER_DIR", type=path_argument(), help="folder with adapter_config.json and adapter_model.safetensors")
+    p.add_argument("out", metavar="OUT", type=path_argument(), help="a .safetensors file, or a folder (trailing slash, existing folder or "
                    "a name without .safetensors) that becomes a loadable model: shards as BASE's, index, config.json, "
                    "generation and tokenizer files copied from BASE's folder")
     p.add_argument("--unmerge", action="store_true", help="subtract the adapter instead (BASE is a merged file)")
@@ -52,7 +52,7 @@ def signals_exit() -> Iterator[None]:
     """SIGTERM, SIGHUP and SIGQUIT end the command as Ctrl-C does (exit 128 + signal number),
     unwinding the stack, so temp files are removed and the old OUT is left intact."""
     def handler(signum: int, frame: Any) -> None:
-        raise SystemExit(128 + signum)
+        raise Stopped(signum)
 
     old = {}
     for sig in _SIGNALS:

@@ -8,7 +8,7 @@ import os
 import time
 from typing import Any
 
-from minilora.cli.common import Progress, fail, int_at_least, output_file_problem, writing
+from minilora.cli.common import Progress, fail, int_at_least, output_file_problem, path_argument, writing
 from minilora.formats.fileio import atomic_open
 from minilora.study.plots import pyplot, save_png
 
@@ -35,12 +35,12 @@ def register(sub: Any) -> None:
     p.add_argument("--compare", type=int_at_least(1), nargs=2, metavar=("R1", "R2"),
                    help="the two ranks for the subspace-similarity heat map (default: smallest, largest)")
     p.add_argument("--workers", type=int_at_least(1), help="processes in the local pool (default: all cores)")
-    p.add_argument("--scheduler", metavar="ADDRESS",
+    p.add_argument("--scheduler", metavar="ADDRESS", type=path_argument("an address"),
                    help="run the cases on a Dask distributed scheduler, e.g. tcp://host:8786 (needs dask[distributed])")
     p.add_argument("--connect-timeout", type=float, default=10.0, metavar="SECONDS",
                    help="how long to try reaching --scheduler (default 10)")
-    p.add_argument("--json", metavar="PATH", help="write the results as JSON to PATH ('-': stdout, no table)")
-    p.add_argument("--plot", metavar="PATH", help="write loss curves and the similarity heat map as a PNG (needs matplotlib)")
+    p.add_argument("--json", metavar="PATH", type=path_argument(), help="write the results as JSON to PATH ('-': stdout, no table)")
+    p.add_argument("--plot", metavar="PATH", type=path_argument(), help="write loss curves and the similarity heat map as a PNG (needs matplotlib)")
     p.set_defaults(func=run)
 
 

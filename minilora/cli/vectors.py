@@ -7,7 +7,7 @@ import argparse
 import os
 from typing import Any
 
-from minilora.cli.common import fail, output_folder_problem, writing
+from minilora.cli.common import fail, output_folder_problem, path_argument, writing
 
 
 def register(sub: Any) -> None:
@@ -18,7 +18,7 @@ def register(sub: Any) -> None:
         "safetensors file per group, each with its SHA-256). verify: check DIR against this minilora.",
     )
     vectors.add_argument("action", choices=("export", "verify"), help="export or verify")
-    vectors.add_argument("folder", metavar="DIR", help="the vector folder")
+    vectors.add_argument("folder", metavar="DIR", type=path_argument(), help="the vector folder")
     vectors.set_defaults(func=run)
 
 

@@ -88,7 +88,7 @@ def _read_shard(path: str) -> Shard:
 
 
 def _read_index(path: str) -> tuple[list[Shard], dict]:
-    index = read_json(path, CheckpointError, missing="file not found", invalid="corrupt JSON")
+    index = read_json(path, CheckpointError, missing="file not found", invalid="corrupt JSON", unique_keys=True)
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not weight_map or \
             not all(isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):

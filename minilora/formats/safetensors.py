@@ -109,19 +109,17 @@ def float_to_bf16_bits(a: Any) -> np.ndarray:
 
 def bf16_bits_to_float32(bits: Any) -> np.ndarray:
     """float32 values of bfloat16 bit patterns (uint16): exact, NaN payloads kept."""
-    b = np.asarray(bits, dtype=np.uint16)
-    return (b.astype(np.uint32) << np.uint32(16)).view(np.float32).reshape(b.shape)
+    a = np.asarray(bits)
+    if a.dtype != np.uint16 and not (a.dtype.kind in "iu" and (a.size == 0 or 0 <= a.min() <= a.max() <= 0xFFFF)):
+        raise SafetensorsError(f"bits must be bfloat16 bit patterns (uint16 values); got {a.dtype} {_short(a)}")
+    return (a.astype(np.uint32) << np.uint32(16)).view(np.float32).reshape(a.shape)
 
 
 # ---------------------------------------------------------------- writing
 
 
-def save_bytes(
-    tensors: Mapping[str, Any],
-    metadata: Mapping[str, str] | None = None,
-    *,
-    dtypes: Mapping[str, str] | None = None,
-) -> bytes:
+def save_bytes(tensors: Mapping[str, Any], metadata: Mapping[str, str] | None = None, *,
+               dtypes: Mapping[str, str] | None = None) -> bytes:
     """The safetensors encoding of ``tensors`` (name -> array) as bytes.
 
     metadata: str -> str pairs stored under "__metadata__". dtypes: name -> safetensors dtype
@@ -182,13 +180,8 @@ def _c_order(a: np.ndarray, dtype: np.dtype) -> np.ndarray:
     return np.require(np.asarray(a, dtype=dtype), requirements="C")
 
 
-def save(
-    tensors: Mapping[str, Any],
-    path: str | os.PathLike,
-    metadata: Mapping[str, str] | None = None,
-    *,
-    dtypes: Mapping[str, str] | None = None,
-) -> str:
+def save(tensors: Mapping[str, Any], path: str | os.PathLike, metadata: Mapping[str, str] | None = None, *,
+         dtypes: Mapping[str, str] | None = None) -> str:
     """Write ``tensors`` to ``path`` atomically (see ``save_bytes``); returns the path."""
     data = save_bytes(tensors, metadata, dtypes=dtypes)
     with atomic_open(path, "wb") as fh:
@@ -315,7 +308,9 @@ def load_bytes(data: bytes, *, name: str = "<bytes>", bf16: str = "float32") -> 
     """Decode safetensors ``data`` into {tensor name: NumPy array} (new, writable arrays in
     native byte order). ``name`` is used in error messages. BF16 tensors come back as float32
     (``bf16="float32"``) or as their uint16 bit patterns (``bf16="bits"``)."""
-    tensors, _ = _decode(data, name, bf16)
+    if not isinstance(data, bytes | bytearray | memoryview):
+        raise SafetensorsError(f"{name}: data must be bytes (a safetensors file's contents); got {type(data).__name__}")
+    tensors, _ = _decode(bytes(data), name, bf16)
     return tensors
 
 

@@ -9,6 +9,7 @@ every refusal is a ``PeftFileError`` naming the file, the field and the value.
     fan_in_fan_out, lora_bias,
     inference_mode
     bias                         "none" | "all" | "lora_only"
+    lora_dropout                 number in [0, 1]          (PEFT ``nn.Dropout(p)``; not used by a merge)
     rank_pattern                 null | {regex key: int >= 1}
     alpha_pattern                null | {regex key: finite number > 0}
     target_modules,              null | a regex string | a list of strings
@@ -16,6 +17,7 @@ every refusal is a ``PeftFileError`` naming the file, the field and the value.
     base_model_name_or_path      null | string
     options minilora does not implement (``UNSUPPORTED``): absent or at their PEFT default
 
+A key may appear only once in the file (``json`` would keep the last one silently).
 Pattern keys and regex strings must be matchable in bounded time (``minilora.peft.targets``).
 No string anywhere in the config may hold a lone surrogate (``"\\ud800"`` parses as JSON but
 is not Unicode text).
@@ -159,6 +161,9 @@ def check_config(config: Any, path: str = "adapter_config.json") -> dict:
         _patterns(config, where, key)
     for key in ("target_modules", "exclude_modules"):
         _module_list(config, where, key)
+    dropout = config.get("lora_dropout", 0.0)
+    if not (_is_real(dropout) and 0 <= dropout <= 1):  # PEFT's nn.Dropout(p) refuses the rest
+        raise PeftFileError(f"{where}: lora_dropout must be a number from 0 to 1; got {_show(dropout)}")
     name = config.get("base_model_name_or_path")
     if name is not None and not isinstance(name, str):
         raise PeftFileError(f"{where}: base_model_name_or_path must be null or a string; got {_show(name)}")

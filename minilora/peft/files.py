@@ -123,7 +123,7 @@ def load_peft_adapter(folder: str | os.PathLike) -> PeftAdapter:
     if not os.path.isdir(folder):
         raise PeftFileError(f"{folder}: adapter folder not found")
     config = read_json(cpath, PeftFileError, missing="file not found (not a PEFT adapter folder?)",
-                       invalid="corrupt JSON")
+                       invalid="corrupt JSON", unique_keys=True)
     check_config(config, cpath)
     if not os.path.exists(wpath):
         if os.path.exists(os.path.join(folder, "adapter_model.bin")):

@@ -32,7 +32,8 @@ and index when BASE was sharded, config.json, generation_config.json and tokeniz
 from the base folder). Every output path is checked before any tensor is read.
 
 Memory: at most one tensor (plus its adapter factors) is held; every output file is written to a
-temp file beside it and all are renamed at the end, so a failure leaves the old OUT as it was.
+temp file beside it, all are flushed to disk and then all renamed at the end
+(``formats.fileio.atomic_files``), so a failure leaves the old OUT as it was, every file of it.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ import numpy as np
 from minilora.errors import MiniLoraValueError, NonFiniteError
 from minilora.formats import safetensors as st
 from minilora.formats.checkpoint import INDEX_NAME, MODEL_FILES, Checkpoint, open_checkpoint, read_tensor
-from minilora.formats.fileio import atomic_open
+from minilora.formats.fileio import AtomicFiles, atomic_files, unwritable_reason
 from minilora.formats.rounding import f32_to_bf16_bits
 from minilora.layers import merge_weight
 from minilora.peft.merge_plan import FLOAT, Job, MergeError, load_for_merge, make_plan
@@ -85,8 +86,8 @@ def _is_folder(out: str) -> bool:
 def _writable_folder(folder: str, what: str) -> None:
     if not os.path.isdir(folder):
         raise MergeError(f"{what}: folder {folder} does not exist")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise MergeError(f"{what}: folder {folder} is not writable")
+    if (reason := unwritable_reason(folder)) is not None:  # a real probe: os.access says yes to root
+        raise MergeError(f"{what}: cannot write in folder {folder}: {reason}")
 
 
 def check_outputs(out: str, ckpt: Checkpoint, adapter_dir: str) -> list[str]:
@@ -151,6 +152,9 @@ def merge_checkpoint(base: str | os.PathLike, adapter_dir: str | os.PathLike, ou
     not guaranteed to equal PEFT's bits), "tensors", "bytes"}. ``progress(name, bytes done, bytes total)``
     is called after each tensor is read."""
     base, out, adapter_dir = os.fspath(base), os.fspath(out), os.fspath(adapter_dir)
+    for what, path in (("BASE", base), ("ADAPTER_DIR", adapter_dir), ("OUT", out)):
+        if not path:
+            raise MergeError(f"{what}: an empty path")
     if not math.isfinite(scale):
         raise MiniLoraValueError(f"--scale must be finite; got {scale}")
     target = None
@@ -175,20 +179,20 @@ def merge_checkpoint(base: str | os.PathLike, adapter_dir: str | os.PathLike, ou
     weight_map: dict[str, str] = {}
     sizes = 0
     try:
-        with contextlib.ExitStack() as stack:
+        with atomic_files() as files:  # every file renamed at the end, none if anything fails
             for path, shards in groups:
                 state["path"] = path
-                dst = stack.enter_context(atomic_open(path, "wb"))
+                dst = files.open(path, "wb")
                 sizes += _write_file(dst, shards, plan, adapter, scale, unmerge, target, progress, state, total)
                 weight_map.update({n: os.path.basename(path) for s in shards for n in s.entries})
             if _is_folder(out):
-                _write_model_files(stack, out, ckpt, weight_map, sizes, target, state)
+                _write_model_files(files, out, ckpt, weight_map, sizes, target, state)
     except BaseException as exc:
         if created:  # a folder this merge made and could not fill goes too
             with contextlib.suppress(OSError):
                 os.rmdir(out)
         if isinstance(exc, OSError):
-            raise MergeError(f"{exc.filename or state['path']}: cannot write: {exc.strerror or exc}") from None
+            raise _os_error(exc, str(state["path"]), ckpt.files()) from None
         raise
     rows = [{**r, "scale": r["scale"] * scale} for r in plan.rows]
     replaced = [{"tensor": b, "from": j.why} for b, j in plan.jobs.items() if j.replace is not None]
@@ -196,6 +200,17 @@ def merge_checkpoint(base: str | os.PathLike, adapter_dir: str | os.PathLike, ou
                if not r["bit_equal"]]
     return {"out": out, "files": paths, "unmerge": unmerge, "dtype": dtype, "modules": rows, "replaced": replaced,
             "not_bit_equal": inexact, "tensors": len(ckpt.entries), "bytes": total}
+
+
+def _os_error(exc: OSError, path: str, inputs: list[str]) -> MergeError:
+    """An OSError during the merge as one line naming the file: the output being written (not its
+    hidden temp file), or an input that could not be read."""
+    name = exc.filename if isinstance(exc.filename, str) else None
+    base = os.path.basename(path)
+    if name is None or (os.path.basename(name).startswith(f".{base}.") and name.endswith(".tmp")):
+        name = path
+    verb = "read" if name in inputs else "write"
+    return MergeError(f"{name}: cannot {verb}: {exc.strerror or ' '.join(str(exc).split())}")
 
 
 def _write_file(dst: Any, shards: list, plan: Any, adapter: Any, scale: float, unmerge: bool, target: str | None,
@@ -231,12 +246,12 @@ def _write_file(dst: Any, shards: list, plan: Any, adapter: Any, scale: float, u
     return offset
 
 
-def _write_model_files(stack: Any, out: str, ckpt: Checkpoint, weight_map: dict, size: int, target: str | None,
+def _write_model_files(files: AtomicFiles, out: str, ckpt: Checkpoint, weight_map: dict, size: int, target: str | None,
                        state: dict) -> None:
     if ckpt.sharded:
         state["path"] = os.path.join(out, INDEX_NAME)
         index = {"metadata": {**ckpt.index_metadata, "total_size": size}, "weight_map": dict(sorted(weight_map.items()))}
-        fh = stack.enter_context(atomic_open(state["path"], "w", encoding="utf-8"))
+        fh = files.open(state["path"], "w", encoding="utf-8")
         json.dump(index, fh, indent=2)
         fh.write("\n")
     if not ckpt.folder:
@@ -251,11 +266,11 @@ def _write_model_files(stack: Any, out: str, ckpt: Checkpoint, weight_map: dict,
             for key in ("dtype", "torch_dtype"):
                 if key in config:
                     config[key] = _TORCH_NAME[target]
-            fh = stack.enter_context(atomic_open(state["path"], "w", encoding="utf-8"))
+            fh = files.open(state["path"], "w", encoding="utf-8")
             json.dump(config, fh, indent=2, sort_keys=True)
             fh.write("\n")
             continue
-        dst = stack.enter_context(atomic_open(state["path"], "wb"))
+        dst = files.open(state["path"], "wb")
         with open(src, "rb") as s:
             shutil.copyfileobj(s, dst)
 

@@ -94,7 +94,7 @@ def load_for_merge(folder: str | os.PathLike) -> tuple[PeftAdapter, dict[str, st
     if not os.path.isdir(folder):
         raise PeftFileError(f"{folder}: adapter folder not found")
     config = read_json(cpath, PeftFileError, missing="file not found (not a PEFT adapter folder?)",
-                       invalid="corrupt JSON")
+                       invalid="corrupt JSON", unique_keys=True)
     if not isinstance(config, dict):
         raise PeftFileError(f"{cpath}: expected a JSON object, got {type(config).__name__}")
     saved = config.get("modules_to_save") or []

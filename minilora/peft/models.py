@@ -38,8 +38,8 @@ import autograd.numpy as anp
 import numpy as np
 from autograd.tracer import getval
 
-from minilora._checks import check_bool, check_choice, check_rank, check_real, check_rng
-from minilora.errors import MiniLoraValueError, ShapeError
+from minilora._checks import check_bool, check_choice, check_dim, check_rank, check_real, check_rng, get_key
+from minilora.errors import MiniLoraTypeError, MiniLoraValueError, ShapeError
 from minilora.layers import LORA_INITS, dense, dense_init, lora_dense, lora_init, merge, unmerge
 from minilora.ops import tanh
 from minilora.peft.targets import is_linear, pattern_value, target_matches, targeted_modules
@@ -72,11 +72,30 @@ INITS = (*LORA_INITS, "pissa", "olora")
 # ---------------------------------------------------------------- models
 
 
+def _model(params: Any, name: str = "params") -> dict:
+    """``params`` as a model: a dict of named layers (a list or an array here was an
+    AttributeError from ``.items()``)."""
+    pv = getval(params)
+    if not isinstance(pv, dict):
+        raise MiniLoraTypeError(f"{name} must be a model: a dict of named layers; got {type(pv).__name__}")
+    return pv
+
+
+def _layer(layer: Any, name: str = "layer") -> dict:
+    lv = getval(layer)
+    if not isinstance(lv, dict):
+        raise MiniLoraTypeError(f"{name} must be a layer: a dict with 'W' (and 'b', 'lora', ...); got {type(lv).__name__}")
+    get_key(lv, "W", name)
+    return lv
+
+
 def mlp_init(rng: Any, sizes: tuple[int, ...] | list[int], *, bias: bool = True, dtype: Any = "float64") -> dict:
     """An MLP with layers "layers.0" ... "layers.{n-2}" and the output layer "head", each like
     ``torch.nn.Linear``. sizes (d_in, hidden..., d_out), at least two entries."""
     rng = check_rng(rng)
-    sizes = [int(s) for s in sizes]
+    if not isinstance(sizes, list | tuple):
+        raise MiniLoraTypeError(f"sizes must be a list of layer widths (d_in, hidden..., d_out); got {type(sizes).__name__}")
+    sizes = [check_dim(s, f"sizes[{i}]") for i, s in enumerate(sizes)]
     if len(sizes) < 2:
         raise MiniLoraValueError(f"sizes must have at least two entries (d_in, d_out); got {sizes}")
     names = [f"layers.{i}" for i in range(len(sizes) - 2)] + ["head"]
@@ -87,7 +106,8 @@ def attention_init(rng: Any, d_model: int, d_out: int, *, d_ff: int | None = Non
     """One pre-norm-free transformer block and an output layer: q/k/v/o projections (k without bias,
     as many HF models), a two-layer MLP, and "head" (d_model -> d_out)."""
     rng = check_rng(rng)
-    d_ff = 2 * d_model if d_ff is None else int(d_ff)
+    d_model, d_out = check_dim(d_model, "d_model"), check_dim(d_out, "d_out")
+    d_ff = 2 * d_model if d_ff is None else check_dim(d_ff, "d_ff")
     spec = [("attn.q_proj", d_model, d_model, True), ("attn.k_proj", d_model, d_model, False),
             ("attn.v_proj", d_model, d_model, True), ("attn.o_proj", d_model, d_model, True),
             ("mlp.fc1", d_model, d_ff, True), ("mlp.fc2", d_ff, d_model, True), ("head", d_model, d_out, True)]
@@ -112,6 +132,7 @@ def layer_forward(layer: dict, x: Any, adapters: Any = None) -> Any:
     adapters: None (every unmerged adapter of the layer), a name, a list of names, or
     {name: weight}. One adapter runs on any backend; several use autograd.numpy (NumPy only).
     """
+    _layer(layer)
     base = {"W": layer["W"]}
     if getval(layer).get("b") is not None:
         base["b"] = layer["b"]
@@ -133,7 +154,7 @@ def _scale(layer: Any, name: str) -> float:
 
 def mlp_forward(params: dict, x: Any, adapters: Any = None) -> Any:
     """The MLP of ``mlp_init``: tanh between layers, none after the last. x (..., d_in)."""
-    names = list(getval(params))
+    names = list(_model(params))
     h = x
     for i, name in enumerate(names):
         h = layer_forward(params[name], h, adapters)
@@ -148,6 +169,11 @@ def attention_forward(params: dict, x: Any, adapters: Any = None, *, n_heads: in
     def proj(name: str, h: Any) -> Any:
         return layer_forward(params[name], h, adapters)
 
+    for name in ("attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.o_proj", "mlp.fc1", "mlp.fc2", "head"):
+        get_key(_model(params), name, "params")
+    if getattr(getval(x), "ndim", None) != 3:
+        raise ShapeError(f"x must have shape (batch, seq, d_model); got {getattr(getval(x), 'shape', type(x).__name__)}")
+    n_heads = check_rank(n_heads, "n_heads")
     n, t, d = getval(x).shape
     if d % n_heads:
         raise ShapeError(f"d_model = {d} must be divisible by n_heads = {n_heads}")
@@ -208,6 +234,7 @@ def add_lora(params: dict, targets: Any, rank: int, alpha: float, *, rng: Any, r
 
 def adapter_names(params: dict) -> list[str]:
     """Every adapter name in the model (unmerged or merged), in order of first appearance."""
+    _model(params)
     names: dict[str, None] = {}
     for layer in params.values():
         if isinstance(layer, dict):
@@ -228,7 +255,7 @@ def merge_all(params: dict, adapters: Any = None, *, unload: bool = False) -> di
     undo it. ``unload=True`` drops every adapter afterwards (``merge_and_unload``)."""
     unload = check_bool(unload, "unload")
     out = {}
-    for name, layer in params.items():
+    for name, layer in _model(params).items():
         if not (isinstance(layer, dict) and layer.get("lora")):
             out[name] = layer
             continue
@@ -247,7 +274,7 @@ def merge_all(params: dict, adapters: Any = None, *, unload: bool = False) -> di
 def unmerge_all(params: dict, adapters: Any = None) -> dict:
     """The inverse of ``merge_all`` (to rounding): W = W' - s B A for the selected merged adapters."""
     out = {}
-    for name, layer in params.items():
+    for name, layer in _model(params).items():
         if not (isinstance(layer, dict) and layer.get("merged")):
             out[name] = layer
             continue
@@ -265,7 +292,7 @@ def lora_state(params: dict, adapters: Any = None) -> dict:
     """Only the (unmerged) adapter factors: {layer: {"lora": {adapter: {"A", "B"}}}}, the
     tree ``split_trainable`` trains with bias="none" (PEFT ``get_peft_model_state_dict``)."""
     out = {}
-    for name, layer in params.items():
+    for name, layer in _model(params).items():
         if isinstance(layer, dict) and layer.get("lora"):
             sel = {a: layer["lora"][a] for a in _select(adapters, layer["lora"])}
             if sel:
@@ -280,7 +307,8 @@ def split_trainable(params: dict, *, bias: str = "none", adapters: Any = None) -
     check_choice(bias, "bias", BIAS_MODES)
     trainable: dict = {}
     frozen: dict = {}
-    for name, layer in params.items():
+    for name, layer in _model(params).items():
+        _layer(layer, f"params[{name!r}]")
         t, f = {}, {}
         has_lora = isinstance(layer, dict) and bool(layer.get("lora"))
         for key, value in layer.items():
@@ -321,7 +349,7 @@ def join(trainable: Any, frozen: Any) -> Any:
 def peft_modules(params: dict, adapter: str = "default") -> dict:
     """{module: {"A", "B"}} of one adapter, for ``peft_files.save_peft_adapter``."""
     out = {}
-    for name, layer in params.items():
+    for name, layer in _model(params).items():
         if isinstance(layer, dict):
             lora = layer.get("lora", {}).get(adapter, layer.get("merged", {}).get(adapter))
             if lora is not None:
@@ -334,6 +362,11 @@ def attach_peft_adapter(params: dict, adapter: Any, name: str = "default") -> di
     adapter ``name``: factors, each module's scale (r/alpha patterns, rsLoRA), and the base biases
     saved with bias="all"/"lora_only". Raises for a module the model lacks, a shape mismatch,
     DoRA, lora_bias, embedding adapters or fan_in_fan_out (not supported by these models)."""
+    _model(params)
+    from minilora.peft.files import PeftAdapter
+
+    if not isinstance(adapter, PeftAdapter):
+        raise MiniLoraTypeError(f"adapter must be a PeftAdapter (from load_peft_adapter); got {type(adapter).__name__}")
     if adapter.use_dora or adapter.fan_in_fan_out or adapter.config.get("lora_bias"):
         raise MiniLoraValueError("attach_peft_adapter supports plain LoRA only (no use_dora, fan_in_fan_out, "
                                  "lora_bias)")

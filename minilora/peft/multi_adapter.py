@@ -41,8 +41,9 @@ from typing import Any
 
 import numpy as np
 
-from minilora._checks import check_choice
-from minilora.errors import MiniLoraValueError
+from minilora._checks import check_choice, check_floats, check_real, get_key
+from minilora.errors import MiniLoraTypeError, MiniLoraValueError
+from minilora.layers import lora_factors
 from minilora.peft.models import adapter_names, add_lora
 
 __all__ = ["METHODS", "add_adapter", "combine_adapters", "combine_factors", "delete_adapter", "peft_weighted_delta"]
@@ -75,9 +76,18 @@ def combine_factors(factors: list[dict], scales: list[float], weights: list[floa
     """One layer's combined adapter {"A", "B"} (scale 1) from source factors [{"A": (r_i, d_in),
     "B": (d_out, r_i)}], their scales s_i and weights w_i (equations in the module docstring)."""
     check_choice(method, "method", METHODS)
+    for what, seq in (("factors", factors), ("scales", scales), ("weights", weights)):
+        if not isinstance(seq, list | tuple):
+            raise MiniLoraTypeError(f"{what} must be a list; got {type(seq).__name__}")
     if not factors or not (len(factors) == len(scales) == len(weights)):
         raise MiniLoraValueError(f"need as many scales and weights as factors (>= 1); got "
                                  f"{len(factors)}, {len(scales)}, {len(weights)}")
+    scales = [check_real(s, f"scales[{i}]") for i, s in enumerate(scales)]
+    weights = [check_real(w, f"weights[{i}]") for i, w in enumerate(weights)]
+    for i, f in enumerate(factors):
+        A, B = lora_factors(f, getattr(get_key(f, "A", f"factors[{i}]"), "shape", (0, 0))[-1],
+                            getattr(get_key(f, "B", f"factors[{i}]"), "shape", (0, 0))[0])
+        check_floats(A=A, B=B)
     As = [np.asarray(f["A"], dtype=np.float64) for f in factors]
     Bs = [np.asarray(f["B"], dtype=np.float64) for f in factors]
     c = [float(w) * float(s) for w, s in zip(weights, scales, strict=True)]
@@ -108,6 +118,12 @@ def combine_adapters(params: dict, adapters: list[str], weights: list[float], ne
     new_name, combination_type=method)``), scale 1. With one source adapter every method is
     "linear" (as in PEFT). svd_rank defaults to the largest rank of any source adapter."""
     check_choice(method, "method", METHODS)
+    for what, seq in (("adapters", adapters), ("weights", weights)):
+        if not isinstance(seq, list | tuple):
+            raise MiniLoraTypeError(f"{what} must be a list; got {type(seq).__name__}")
+    weights = [check_real(w, f"weights[{i}]") for i, w in enumerate(weights)]
+    if not isinstance(new_name, str) or not new_name:
+        raise MiniLoraTypeError(f"new_name must be a non-empty str; got {new_name!r}")
     if len(adapters) != len(weights) or not adapters:
         raise MiniLoraValueError(f"adapters and weights must be non-empty and of equal length; got "
                                  f"{len(adapters)} and {len(weights)}")

@@ -57,16 +57,20 @@ def is_linear(layer: Any) -> bool:
     return isinstance(layer, dict) and getattr(layer.get("W"), "ndim", 0) == 2
 
 
-def _name_matches(name: str, targets: Any) -> bool:
+def _name_matches(name: str, targets: Any, what: str = "targets") -> bool:
     if isinstance(targets, str):
         return regex_match(targets, name, full=True, what="target_modules")
+    if not (isinstance(targets, list | tuple | set | frozenset) and all(isinstance(t, str) for t in targets)):
+        raise MiniLoraValueError(f"{what} must be a regex string or a list of module names; got {_short(repr(targets))}")
     return name in targets or any(name.endswith(f".{t}") for t in targets)
 
 
 def target_matches(name: str, targets: Any, *, exclude: Any = None) -> bool:
     """Whether PEFT would put LoRA on module ``name`` (rules in the module docstring; the
     "all-linear" shorthand is resolved by ``targeted_modules``, which knows the model)."""
-    if exclude and _name_matches(name, exclude):
+    if not isinstance(name, str):
+        raise MiniLoraValueError(f"name must be a module name (a str); got {type(name).__name__}")
+    if exclude is not None and _name_matches(name, exclude, "exclude"):
         return False
     return _name_matches(name, targets)
 
@@ -76,11 +80,13 @@ def targeted_modules(params: dict, targets: Any, *, exclude: Any = None, output_
 
     output_layer: the layer "all-linear" leaves out ("auto": the last layer; None: none).
     Raises MiniLoraValueError when nothing matches (as PEFT does)."""
+    if not isinstance(params, dict):
+        raise MiniLoraValueError(f"params must be a dict of named layers; got {type(params).__name__}")
     linear = [n for n, layer in params.items() if is_linear(layer)]
     if isinstance(targets, str) and targets.lower() == "all-linear":
         out = linear[-1] if output_layer == "auto" and linear else output_layer
         targets = [n for n in linear if n != out]  # exact names now
-        chosen = [n for n in linear if n in targets and not (exclude and _name_matches(n, exclude))]
+        chosen = [n for n in linear if n in targets and not (exclude is not None and _name_matches(n, exclude, "exclude"))]
     else:
         if not isinstance(targets, str | list | tuple | set | frozenset):
             raise MiniLoraValueError(f"targets must be a str or a list of names; got {type(targets).__name__}")
@@ -100,6 +106,10 @@ def pattern_value(patterns: dict | None, module: str, default: Any, *, what: str
     k of ``patterns``, in the dict's order, with ``re.match(rf"(.*\\.)?({k})$", module)``; else
     ``default``. Matched in bounded time (see the module docstring); a key that cannot be
     matched raises MiniLoraValueError naming ``what`` and the key."""
+    if patterns is not None and not isinstance(patterns, dict):
+        raise MiniLoraValueError(f"{what}s must be a dict of regex keys; got {type(patterns).__name__}")
+    if not isinstance(module, str):
+        raise MiniLoraValueError(f"module must be a module name (a str); got {type(module).__name__}")
     for key, value in (patterns or {}).items():
         if regex_match(pattern_regex(key), module, what=f"{what} {key!r} (matched as)"):
             return value

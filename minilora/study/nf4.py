@@ -352,5 +352,10 @@ def nf4_bits_per_param(blocksize: int = 64, *, double_quant: bool = False) -> fl
 
 def nf4_nbytes(state: dict) -> int:
     """Bytes an NF4 state stores: packed indices plus block constants (plus the 4-byte offset)."""
+    if not isinstance(state, dict):
+        raise MiniLoraTypeError(f"state must be the dict nf4_quantize returns; got {type(state).__name__}")
     keys = ("packed", "absmax_q", "absmax_absmax") if state.get("double_quant") else ("packed", "absmax")
+    missing = [k for k in keys if k not in state]
+    if missing:
+        raise MiniLoraValueError(f"state lacks {', '.join(missing)}: not a state from nf4_quantize")
     return sum(int(np.asarray(state[k]).nbytes) for k in keys) + (4 if state.get("double_quant") else 0)

@@ -15,6 +15,7 @@ meets a NaN), ``dora``, ``embedding`` and ``trainable`` (``minilora.testing.vect
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -24,8 +25,8 @@ from typing import Any
 import numpy as np
 
 from minilora.errors import MiniLoraError, NonFiniteError, ShapeError
-from minilora.formats.fileio import atomic_open, read_json
-from minilora.formats.safetensors import SafetensorsError, load_bytes, save
+from minilora.formats.fileio import atomic_files, read_json
+from minilora.formats.safetensors import SafetensorsError, load_bytes, save_bytes
 from minilora.testing.vector_cases import (
     ADAM_CASES,
     LAYER_CASES,
@@ -178,27 +179,40 @@ def export(folder: str | os.PathLike) -> list[str]:
         raise VectorsError(f"{folder}: the folder above it ({parent}) does not exist")
     if os.path.exists(folder) and not os.path.isdir(folder):
         raise VectorsError(f"{folder}: exists and is not a folder")
+    created = not os.path.isdir(folder)
     os.makedirs(folder, exist_ok=True)
+    try:
+        return _export(folder, __version__)
+    except BaseException:
+        if created:  # a folder this export made and could not fill goes too (its files were temp files)
+            with contextlib.suppress(OSError):
+                os.rmdir(folder)
+        raise
+
+
+def _export(folder: str, __version__: str) -> list[str]:
     manifest: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION, "format": "minilora golden vectors", "minilora_version": __version__,
         "conventions": CONVENTIONS, "tolerance_rule": TOLERANCE_RULE, "bound_dtypes": list(BOUND_DTYPES),
         "files": {}, "groups": [],
     }
     written = []
-    for group, tensors in _groups():
-        filename = f"{group['name']}.safetensors"
-        path = os.path.join(folder, filename)
-        save(tensors, path, {"minilora_version": __version__, "group": group["name"]})
-        with open(path, "rb") as fh:
-            data = fh.read()
-        manifest["files"][filename] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
-        manifest["groups"].append({**group, "file": filename})
-        written.append(path)
-    path = os.path.join(folder, MANIFEST)
-    with atomic_open(path, "w", encoding="utf-8") as fh:
+    # every file goes to a temp file, and all are renamed at the end: a failure (a full disk, a
+    # signal) leaves the folder as it was, never new group files under an old manifest
+    with atomic_files() as files:
+        for group, tensors in _groups():
+            filename = f"{group['name']}.safetensors"
+            path = os.path.join(folder, filename)
+            data = save_bytes(tensors, {"minilora_version": __version__, "group": group["name"]})
+            files.open(path, "wb").write(data)
+            manifest["files"][filename] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+            manifest["groups"].append({**group, "file": filename})
+            written.append(path)
+        path = os.path.join(folder, MANIFEST)
+        fh = files.open(path, "w", encoding="utf-8")
         json.dump(manifest, fh, indent=1, allow_nan=False)
         fh.write("\n")
-    written.append(path)
+        written.append(path)
     return written
 
 
@@ -223,7 +237,7 @@ def _manifest(folder: str) -> dict:
     path = os.path.join(folder, MANIFEST)
     if not os.path.isdir(folder):
         raise VectorsError(f"{folder}: no such folder")
-    manifest = read_json(path, VectorsError, invalid="not valid JSON",
+    manifest = read_json(path, VectorsError, invalid="not valid JSON", unique_keys=True,
                          missing=f"missing (is {folder} a vector folder from `minilora vectors export`?)")
     if not isinstance(manifest, dict):
         raise VectorsError(f"{path}: expected a JSON object; got {type(manifest).__name__}")

@@ -14,7 +14,7 @@ from typing import Any
 from autograd.tracer import getval
 
 from minilora import ops
-from minilora._checks import check_bool, check_floats, check_real, check_shape, get_key
+from minilora._checks import check_bool, check_floats, check_ndim, check_real, check_shape, get_key
 from minilora.backend import namespace_of
 from minilora.errors import NonFiniteError
 from minilora.layers import base_operands, lora_factors, merge_weight
@@ -28,6 +28,7 @@ def dora_magnitude(params: dict, lora: dict, *, scale: float = 1.0, fan_in_fan_o
     adapter starts as the base layer (PEFT ``DoraLinearLayer.update_layer``)."""
     fan_in_fan_out = check_bool(fan_in_fan_out, "fan_in_fan_out")
     W = get_key(params, "W", "params")
+    check_ndim(W, 'params["W"]', 2, "(d_in, d_out)" if fan_in_fan_out else "(d_out, d_in)")
     shape = tuple(getval(W).shape)
     d_in, d_out = shape if fan_in_fan_out else shape[::-1]
     A, B = lora_factors(lora, d_in, d_out)
@@ -74,8 +75,16 @@ def dora_unmerge(params: dict, lora: dict, magnitude: Any, weight_norm: Any, *, 
     """W = W' / (m / weight_norm) - s B A, the inverse of ``dora_merge`` (PEFT
     ``DoraLinearVariant.unmerge``), with the weight_norm ``dora_merge`` returned."""
     fan_in_fan_out = check_bool(fan_in_fan_out, "fan_in_fan_out")
-    W = getval(get_key(params, "W", "params"))
-    delta = ops.lora_delta(getval(lora["A"]), getval(lora["B"]), scale=scale, fan_in_fan_out=fan_in_fan_out)
+    W = get_key(params, "W", "params")
+    check_ndim(W, 'params["W"]', 2, "(d_in, d_out)" if fan_in_fan_out else "(d_out, d_in)")
+    shape = tuple(getval(W).shape)
+    d_in, d_out = shape if fan_in_fan_out else shape[::-1]
+    A, B = lora_factors(getval(lora), d_in, d_out)
+    check_shape(magnitude, "magnitude", (d_out,), "(d_out,)")
+    check_shape(weight_norm, "weight_norm", (d_out,), "(d_out,)")
+    check_floats(W=W, A=A, B=B, magnitude=magnitude, weight_norm=weight_norm)
+    W = getval(W)
+    delta = ops.lora_delta(getval(A), getval(B), scale=check_real(scale, "scale"), fan_in_fan_out=fan_in_fan_out)
     factor = magnitude / weight_norm
     factor = factor[None, :] if fan_in_fan_out else factor[:, None]
     return {**params, "W": W / factor - delta}

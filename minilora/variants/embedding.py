@@ -10,11 +10,10 @@ from typing import Any
 import numpy as np
 from autograd.tracer import getval
 
-from minilora import ops
-from minilora._checks import check_floats, check_rank, check_real, check_rng, check_shape, get_key
+from minilora._checks import check_dim, check_floats, check_rank, check_real, check_rng, check_shape, get_key
 from minilora.backend import get_backend, namespace_of
 from minilora.errors import MiniLoraValueError, ShapeError
-from minilora.layers import merge_weight
+from minilora.layers import delta_weight, merge_weight
 from minilora.variants import primitives
 
 # ---------------------------------------------------------------- embedding
@@ -25,6 +24,7 @@ def embedding_lora_init(rng: Any, num_embeddings: int, dim: int, rank: int, *, d
     the zero factor here, the opposite of the dense layer)."""
     rng = check_rng(rng)
     rank = check_rank(rank)
+    num_embeddings, dim = check_dim(num_embeddings, "num_embeddings"), check_dim(dim, "dim")
     be = get_backend()
     dt = be.dtype(dtype)
     return {"A": be.asarray(np.zeros((rank, num_embeddings)), dt),
@@ -64,7 +64,7 @@ def lora_embedding(params: dict, lora: dict, ids: Any, *, scale: float = 1.0, ma
 
 def embedding_delta(lora: dict, *, scale: float = 1.0) -> Any:
     """Delta W = s (B A)^T, (num_embeddings, dim) (PEFT ``Embedding.get_delta_weight``)."""
-    return ops.lora_delta(lora["A"], lora["B"], scale=scale, fan_in_fan_out=True)
+    return delta_weight(lora, scale=scale, fan_in_fan_out=True)  # (B A)^T, with delta_weight's checks
 
 
 def embedding_merge(params: dict, lora: dict, *, scale: float = 1.0, magnitude: Any = None) -> dict:

@@ -12,9 +12,9 @@ from typing import Any
 import numpy as np
 from autograd.tracer import getval
 
-from minilora._checks import check_bool, check_rank, check_real, check_rng
+from minilora._checks import check_bool, check_count, check_floats, check_rank, check_real, check_rng
 from minilora.backend import get_backend
-from minilora.errors import MiniLoraValueError, ShapeError
+from minilora.errors import MiniLoraTypeError, MiniLoraValueError, ShapeError
 
 # ---------------------------------------------------------------- inits that use W
 
@@ -22,6 +22,7 @@ from minilora.errors import MiniLoraValueError, ShapeError
 def _as_rows(W: Any, fan_in_fan_out: bool) -> np.ndarray:
     """W as a host float64 (d_out, d_in) matrix."""
     fan_in_fan_out = check_bool(fan_in_fan_out, "fan_in_fan_out")
+    check_floats(W=W)
     Wv = np.asarray(getval(W), dtype=np.float64)
     if Wv.ndim != 2:
         raise ShapeError(f"W must be 2-D; got shape {Wv.shape}")
@@ -41,6 +42,12 @@ def randomized_svd(M: np.ndarray, rank: int, niter: int, rng: Any) -> tuple[np.n
     ``pissa_niter_k`` calls): Q = orth(M G), then ``niter`` times Q = orth(M orth(M^T Q)),
     and the SVD of Q^T M. M ~= U diag(S) V^T with U (m, rank), S (rank,), V (n, rank)."""
     rng = check_rng(rng)
+    if not hasattr(M, "ndim"):
+        raise MiniLoraTypeError(f"M must be a 2-D float array; got {type(M).__name__}")
+    check_floats(M=M)
+    if M.ndim != 2:
+        raise ShapeError(f"M must be a 2-D array; got shape {M.shape}")
+    rank, niter = check_rank(rank), check_count(niter, "niter")
     Q, _ = np.linalg.qr(M @ rng.standard_normal((M.shape[1], rank)))
     for _ in range(niter):
         Z, _ = np.linalg.qr(M.T @ Q)

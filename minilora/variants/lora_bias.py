@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from minilora import array_ops, ops
-from minilora._checks import check_real, check_shape, get_key
+from minilora._checks import check_floats, check_real, check_shape, get_key
 from minilora.errors import MiniLoraValueError
 from minilora.layers import base_operands
 
@@ -36,7 +36,16 @@ def lora_bias_merge(params: dict, lora: dict, *, scale: float = 1.0, fan_in_fan_
     """W' = W + s B A and b' = b + s b_B (``sign=-1``: unmerge), PEFT ``Linear.merge``."""
     from minilora.layers import merge, unmerge
 
+    sign = check_real(sign, "sign")
+    if sign not in (1.0, -1.0):
+        raise MiniLoraValueError(f"sign must be 1 (merge) or -1 (unmerge); got {sign}")
     f = merge if sign > 0 else unmerge
-    out = f(params, {"A": lora["A"], "B": lora["B"]}, scale=scale, fan_in_fan_out=fan_in_fan_out)
-    out["b"] = params["b"] + lora["bias"] * (scale * sign)
+    out = f(params, {"A": get_key(lora, "A", "lora"), "B": get_key(lora, "B", "lora")}, scale=scale,
+            fan_in_fan_out=fan_in_fan_out)
+    b, bias = get_key(params, "b", "params"), get_key(lora, "bias", "lora")
+    d_out = out["W"].shape[1 if fan_in_fan_out else 0]
+    check_shape(b, 'params["b"]', (d_out,), "(d_out,)")
+    check_shape(bias, 'lora["bias"]', (d_out,), "(d_out,)")
+    check_floats(b=b, bias=bias)
+    out["b"] = b + bias * (check_real(scale, "scale") * sign)
     return out

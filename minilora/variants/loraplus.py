@@ -18,10 +18,10 @@ from typing import Any
 
 from autograd.tracer import getval
 
-from minilora._checks import check_bool
+from minilora._checks import check_bool, check_real
 from minilora._tree import check_same_structure, tree_leaves, tree_paths
 from minilora._tree import tree_unflatten as _unflatten
-from minilora.errors import MiniLoraValueError
+from minilora.errors import MiniLoraTypeError, MiniLoraValueError
 from minilora.optim import adam_apply, adam_options, check_adam_state
 
 __all__ = ["loraplus_lrs", "adam_step_lrs"]
@@ -52,6 +52,11 @@ def loraplus_lrs(params: Any, lr: float, ratio: float, *, lr_embedding: float = 
     as PEFT's ``create_loraplus_optimizer(lr=lr, loraplus_lr_ratio=ratio,
     loraplus_lr_embedding=lr_embedding, loraplus_weight_decay=weight_decay)``. embeddings:
     names of the (sub)dicts holding embedding adapters."""
+    lr, ratio = check_real(lr, "lr", low=0.0), check_real(ratio, "ratio", low=0.0)
+    lr_embedding = check_real(lr_embedding, "lr_embedding", low=0.0)
+    weight_decay = check_real(weight_decay, "weight_decay", low=0.0)
+    if isinstance(embeddings, str) or not isinstance(embeddings, list | tuple | set | frozenset):
+        raise MiniLoraTypeError(f"embeddings must be a list of names; got {type(embeddings).__name__}")
     emb = set(embeddings)
     table = {"A": (lr, weight_decay), "embedding": (lr_embedding, weight_decay),
              "B": (lr * ratio, weight_decay), "B_no_decay": (lr * ratio, 0.0)}

@@ -132,7 +132,7 @@ def test_out_folder_problems_are_one_line_before_work(tmp_path: Path) -> None:
     os.chmod(tmp_path / "ro", 0o555)
     try:
         if not os.access(tmp_path / "ro", os.W_OK):  # root can write anywhere
-            _one_line(_cli(tmp_path, "merge", str(base), str(ad), "ro/o.safetensors"), "ro", "not writable")
+            _one_line(_cli(tmp_path, "merge", str(base), str(ad), "ro/o.safetensors"), "ro", "cannot write in folder")
     finally:
         os.chmod(tmp_path / "ro", 0o755)
     assert _cli(tmp_path, "merge", str(base), str(ad), "newdir/").returncode == 0
@@ -173,14 +173,20 @@ def test_write_error_is_one_line_naming_the_path(tmp_path: Path, code: int, reas
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("kind", ["file", "folder"])
 @pytest.mark.parametrize("sig", ["SIGTERM", "SIGHUP", "SIGQUIT", "SIGINT"])
-def test_signal_removes_the_temp_file_and_keeps_old_out(tmp_path: Path, sig: str) -> None:
+def test_signal_removes_the_temp_file_and_keeps_old_out(tmp_path: Path, sig: str, kind: str) -> None:
     big = {f"l{i}.weight": np.ones((256, 256), np.float32) for i in range(40)} | {"fc.weight": BASE["fc.weight"]}
     st.save(big, tmp_path / "base.safetensors")
     (tmp_path / "x").mkdir()
     _, ad = _setup(tmp_path / "x")
-    out = tmp_path / "o.safetensors"
-    out.write_bytes(b"old OUT")
+    if kind == "folder":  # OUT a model folder holding an old model.safetensors
+        (tmp_path / "o").mkdir()
+        out, old = tmp_path / "o", tmp_path / "o" / "model.safetensors"
+    else:
+        out = old = tmp_path / "o.safetensors"
+    old.write_bytes(b"old OUT")
+    written = old.parent
     # a merge slowed down inside the write loop, so the signal lands while the temp file exists
     script = ("import time, minilora.peft.merge as m, minilora.cli as cli\n"
               "orig = m.read_tensor\n"
@@ -190,15 +196,77 @@ def test_signal_removes_the_temp_file_and_keeps_old_out(tmp_path: Path, sig: str
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen([sys.executable, "-c", script], env=env, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 60
-    while not any(p.name.endswith(".tmp") for p in tmp_path.iterdir()):
+    while not any(p.name.endswith(".tmp") for p in written.iterdir()):
         assert time.time() < deadline and proc.poll() is None, "the merge never started writing"
         time.sleep(0.01)
     proc.send_signal(getattr(signal, sig))
-    proc.wait(timeout=60)
-    assert proc.returncode != 0
-    assert out.read_bytes() == b"old OUT"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["base.safetensors", "o.safetensors", "x"]
-    assert "Traceback" not in proc.stderr, proc.stderr
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + getattr(signal, sig), stderr
+    assert old.read_bytes() == b"old OUT"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base.safetensors", out.name, "x"]
+    assert [p.name for p in written.iterdir() if p.name.endswith(".tmp")] == []
+    lines = stderr.strip().splitlines()
+    assert lines == ["minilora: interrupted" if sig == "SIGINT" else f"minilora: stopped by {sig}"], stderr
+
+
+def _probe_refused(monkeypatch: Any, code: int) -> None:
+    """The create-and-remove probe of an output folder fails with ``code`` (a read-only mount,
+    /proc), as it does for root too, where ``os.access`` says the folder is writable."""
+    import minilora.formats.fileio as fileio
+
+    real = fileio.tempfile.mkstemp
+
+    def mkstemp(*args: Any, **kwargs: Any) -> Any:
+        if str(kwargs.get("prefix", "")).startswith(".minilora-probe-"):
+            raise OSError(code, os.strerror(code))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(fileio.tempfile, "mkstemp", mkstemp)
+    monkeypatch.setattr(os, "access", lambda *a, **k: True)
+
+
+@pytest.mark.parametrize("out", ["o.safetensors", "model/"])
+def test_an_unwritable_out_folder_is_refused_before_reading_base(tmp_path: Path, monkeypatch: Any, capsys: Any,
+                                                                  out: str) -> None:
+    import minilora.peft.merge as m
+
+    base, ad = _setup(tmp_path)
+    _probe_refused(monkeypatch, errno.EROFS)
+    monkeypatch.setattr(m, "read_tensor", lambda *a: pytest.fail("BASE was read before OUT was checked"))
+    assert cli.main(["merge", str(base), str(ad), str(tmp_path / out)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"OUT {tmp_path / out}" in err[0] and "Read-only file system" in err[0], err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ad", "base.safetensors"]
+
+
+def test_a_temp_file_that_cannot_be_made_names_out_not_the_temp(tmp_path: Path, monkeypatch: Any,
+                                                                 capsys: Any) -> None:
+    import minilora.formats.fileio as fileio
+
+    base, ad = _setup(tmp_path)
+    real = fileio.tempfile.mkstemp
+
+    def mkstemp(*args: Any, **kwargs: Any) -> Any:
+        if str(kwargs.get("prefix", "")).startswith(".minilora-probe-"):
+            return real(*args, **kwargs)
+        name = os.path.join(str(kwargs["dir"]), f"{kwargs['prefix']}x1y2z3{kwargs['suffix']}")
+        raise OSError(errno.ENOENT, os.strerror(errno.ENOENT), name)  # what /proc answers root
+
+    monkeypatch.setattr(fileio.tempfile, "mkstemp", mkstemp)
+    out = tmp_path / "o.safetensors"
+    assert cli.main(["merge", str(base), str(ad), str(out)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"minilora: error: {out}: cannot write: "), err
+    assert ".tmp" not in err[0], err
+
+
+def test_a_sharded_index_naming_a_tensor_twice_is_refused(tmp_path: Path) -> None:
+    folder = _sharded(tmp_path)
+    path = folder / "model.safetensors.index.json"
+    text = path.read_text()
+    path.write_text(text.replace('"weight_map": {', '"weight_map": {"head.weight": "model-00001-of-00002.safetensors", '))
+    with pytest.raises(CheckpointError, match=r"index\.json: corrupt JSON \(the key 'head\.weight' appears twice"):
+        open_checkpoint(folder)
 
 
 def test_json_summary_progress_and_inspect_base(tmp_path: Path, capsys: Any, monkeypatch: Any) -> None:
@@ -294,3 +362,33 @@ def test_out_folder_existing_or_not_is_written_without_traceback(tmp_path: Path,
     assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
     merged = st.load(tmp_path / out.rstrip("/") / "model.safetensors")
     assert merged.keys() == BASE.keys() and not np.array_equal(merged["fc.weight"], BASE["fc.weight"])
+
+
+def test_a_late_write_error_leaves_every_file_of_an_old_out_folder(tmp_path: Path, monkeypatch: Any,
+                                                                   capsys: Any) -> None:
+    """A sharded merge into a folder holding an older merge: ENOSPC at the last file's flush used
+    to come after the first shard was renamed (new shard 1 beside old shard 2 and old index)."""
+    import minilora.formats.fileio as fileio
+
+    folder = _sharded(tmp_path)
+    _, ad = _setup(tmp_path)
+    out = tmp_path / "merged"
+    assert cli.main(["merge", str(folder), str(ad), str(out)]) == 0
+    for p in out.iterdir():
+        p.write_bytes(b"old " + p.name.encode())
+    old = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert len(old) == 3  # two shards and the index
+    real, calls = fileio.os.fsync, []
+
+    def fsync(fd: int) -> None:
+        calls.append(fd)
+        if len(calls) == len(old):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real(fd)
+
+    monkeypatch.setattr(fileio.os, "fsync", fsync)
+    capsys.readouterr()
+    assert cli.main(["merge", str(folder), str(ad), str(out)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(out) in err[0] and "No space left" in err[0] and ".tmp" not in err[0], err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == old

@@ -201,3 +201,128 @@ def test_warnings_are_one_line_without_their_source_line() -> None:
 def test_the_real_exit_path_for_a_folder_as_output(tmp_path: Path) -> None:
     out = run_cli("demo", "--steps", "3", "--plot", str(tmp_path))
     assert_one_line_error(out, "--plot", str(tmp_path), "is a folder")
+
+
+# ---------------------------------------------------------------- found by the issue-14 audit
+
+
+EMPTY = [
+    pytest.param(("demo", "--plot", ""), "--plot", id="demo-plot"),
+    pytest.param(("sweep", "--plot", ""), "--plot", id="sweep-plot"),
+    pytest.param(("sweep", "--json", ""), "--json", id="sweep-json"),
+    pytest.param(("sweep", "--scheduler", ""), "--scheduler", id="sweep-scheduler"),
+    pytest.param(("check", "torch", "--json", ""), "--json", id="check-json"),
+    pytest.param(("check", ""), "TARGET", id="check-target"),
+    pytest.param(("vectors", "export", ""), "DIR", id="vectors-export"),
+    pytest.param(("vectors", "verify", ""), "DIR", id="vectors-verify"),
+    pytest.param(("merge", "b.safetensors", "ad", ""), "OUT", id="merge-out"),
+    pytest.param(("merge", "", "ad", "o.safetensors"), "BASE", id="merge-base"),
+    pytest.param(("merge", "b.safetensors", "", "o.safetensors"), "ADAPTER_DIR", id="merge-adapter"),
+    pytest.param(("inspect", ""), "ADAPTER_DIR", id="inspect-adapter"),
+    pytest.param(("inspect", "ad", "--base", ""), "--base", id="inspect-base"),
+]
+
+
+@pytest.mark.parametrize(("argv", "name"), EMPTY)
+def test_an_empty_path_is_a_usage_error_not_no_option(capsys: Any, monkeypatch: Any, argv: tuple, name: str) -> None:
+    """``--plot ''`` used to mean no --plot (nothing written, exit 0); merge's OUT '' an error
+    without a path."""
+    started = []
+    monkeypatch.setattr("minilora.study.seed.seed_experiment", lambda **kw: started.append(1))
+    monkeypatch.setattr("minilora.study.sweep.sweep", lambda *a, **kw: started.append(1))
+    with pytest.raises(SystemExit) as info:
+        main(list(argv))
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    _one_line(2, err, f"argument {name}", "empty string")
+    assert started == []
+
+
+def test_check_refuses_a_json_path_that_is_the_targets_own_source(tmp_path: Path, capsys: Any,
+                                                                    monkeypatch: Any) -> None:
+    """``check --json mod.py mod:Adapter`` wrote the report over the adapter's code."""
+    require("hypothesis")
+    source = (Path(__file__).parents[1] / "testing" / "numpy_adapter.py").read_text()
+    module = tmp_path / "h4_victim_adapter.py"
+    module.write_text(source)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    code, out, err = _run(capsys, "check", "h4_victim_adapter:NumpyAdapter", "--property", "forward",
+                          "--dtype", "float64", "--max-examples", "0", "--json", str(module))
+    _one_line(code, err, "--json", str(module), "source of the target")
+    assert module.read_text() == source and out == ""
+
+
+def test_vectors_export_to_a_file_with_a_slash_gives_the_right_reason(tmp_path: Path, capsys: Any) -> None:
+    (tmp_path / "f").write_text("x")
+    code, _, err = _run(capsys, "vectors", "export", str(tmp_path / "f") + "/")
+    _one_line(code, err, "exists and is not a folder")  # was 'cannot write: File exists', after the probe
+
+
+def _fail_at_fsync(monkeypatch: Any, nth: int) -> None:
+    """ENOSPC at the ``nth`` file flushed (1-based): the files before it were written whole."""
+    real, calls = os.fsync, []
+
+    def fsync(fd: int) -> None:
+        calls.append(fd)
+        if len(calls) == nth:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+
+
+def test_vectors_export_that_fails_late_leaves_the_old_vectors_whole(tmp_path: Path, capsys: Any,
+                                                                      monkeypatch: Any) -> None:
+    """A full disk at the manifest (the last file) used to leave new group files under the old
+    manifest; now every file is renamed at the end, so the old set stays as it was."""
+    folder = tmp_path / "vec"
+    assert main(["vectors", "export", str(folder)]) == 0
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    for p in folder.glob("*.safetensors"):  # an older set: different bytes in every file
+        p.write_bytes(b"old " + p.read_bytes())
+    old = {p.name: p.read_bytes() for p in folder.iterdir()}
+    capsys.readouterr()
+    _fail_at_fsync(monkeypatch, len(before))
+    code, _, err = _run(capsys, "vectors", "export", str(folder))
+    _one_line(code, err, str(folder), "No space left")
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == old
+
+
+def test_vectors_export_that_fails_removes_the_folder_it_made(tmp_path: Path, capsys: Any, monkeypatch: Any) -> None:
+    _fail_at_fsync(monkeypatch, 1)
+    code, _, err = _run(capsys, "vectors", "export", str(tmp_path / "new"))
+    _one_line(code, err, "No space left")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.name != "posix", reason="file names that are not UTF-8 exist on POSIX")
+def test_a_file_name_that_is_not_utf8_prints_on_a_strict_stdout(tmp_path: Path) -> None:
+    """With a strict stdout (en_US.UTF-8 and most locales but C.UTF-8), printing a name holding
+    a byte that is not UTF-8 ('\\udcff' once decoded) raised UnicodeEncodeError after the export."""
+    import subprocess
+    import sys
+
+    name = os.fsencode(str(tmp_path)) + b"/v\xff"
+    env = {**os.environ, "PYTHONIOENCODING": "utf-8:strict",
+           "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    out = subprocess.run([sys.executable, "-m", "minilora", "vectors", "export", name], env=env,
+                         capture_output=True, timeout=120)
+    assert out.returncode == 0 and b"Traceback" not in out.stderr, out.stderr
+    assert b"v\xff: forward.safetensors" in out.stdout
+    assert (Path(os.fsdecode(name)) / "manifest.json").is_file()
+
+
+def test_check_on_a_full_disk_at_the_write_is_one_line(tmp_path: Path, capsys: Any, monkeypatch: Any) -> None:
+    """The check-json case of the full-disk test above, with a NumPy adapter (no torch needed)."""
+    require("hypothesis")
+    module = tmp_path / "h4_full_adapter.py"
+    module.write_text((Path(__file__).parents[1] / "testing" / "numpy_adapter.py").read_text())
+    monkeypatch.syspath_prepend(str(tmp_path))
+    target = tmp_path / "report.json"
+    _full_disk(monkeypatch)
+    code, out, err = _run(capsys, "check", "h4_full_adapter:NumpyAdapter", "--property", "forward", "--dtype",
+                          "float64", "--max-examples", "0", "--json", str(target))
+    _one_line(code, err, "--json", str(target), "cannot write", "No space left")
+    assert sorted(p.name for p in tmp_path.iterdir() if p.suffix != ".pyc" and p.name != "__pycache__") == \
+        ["h4_full_adapter.py"] and out == ""  # no report, no temp file; nothing printed before the write

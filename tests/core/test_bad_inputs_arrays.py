@@ -142,6 +142,18 @@ def test_an_argnum_out_of_range_is_refused_at_the_call(make: Any, argnum: Any) -
     expect_error(lambda: f(LORA, X, Y), MiniLoraValueError, "argnum", "out of range", "3 positional")
 
 
+@pytest.mark.parametrize("argnum", ["a", 1.0, True, None, (0,), (0, 1), [0]])
+def test_hvp_refuses_a_bad_argnum_naming_it(argnum: Any) -> None:
+    expect_error(lambda: ml.hvp(_loss, argnum), MiniLoraTypeError, "argnum", repr(argnum))
+
+
+def test_hvp_takes_a_numpy_integer_argnum_like_grad() -> None:
+    """``hvp(f, np.int64(0))`` was refused while ``grad`` took it."""
+    v = {k: np.ones_like(a) for k, a in LORA.items()}
+    assert all(np.array_equal(a, b) for a, b in zip(ml.hvp(_loss, np.int64(0))(LORA, X, Y, v).values(),
+                                                    ml.hvp(_loss, 0)(LORA, X, Y, v).values(), strict=True))
+
+
 def test_numpy_integer_argnums_work_like_ints() -> None:
     a = ml.grad(_loss, 1)(LORA, X, Y)
     b = ml.grad(_loss, np.int64(1))(LORA, X, Y)

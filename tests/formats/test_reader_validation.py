@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from minilora.formats import safetensors as st
 from minilora.formats.safetensors import SafetensorsError, load, read_header_streaming, read_tensor, save
 from minilora.peft.files import save_peft_adapter
 from minilora.peft.merge import merge_adapter_file
@@ -90,3 +91,20 @@ def test_merge_refuses_a_bool_byte_and_writes_no_out(tmp_path: Path) -> None:
         merge_adapter_file(base, adapter, out)
     assert str(base) in str(info.value)
     assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["ad", "base.safetensors"]
+
+
+@pytest.mark.parametrize("data", ["text", None, 3, [1, 2]])
+def test_load_bytes_refuses_what_is_not_bytes(data: object) -> None:
+    """A str was 'string argument without an encoding', -1 'negative count'."""
+    with pytest.raises(st.SafetensorsError, match="data must be bytes"):
+        st.load_bytes(data)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("bits", [-1, [70000], np.array([1.5]), "x"])
+def test_bf16_bits_must_be_uint16_values(bits: object) -> None:
+    with pytest.raises(st.SafetensorsError, match="bfloat16 bit patterns"):
+        st.bf16_bits_to_float32(bits)
+
+
+def test_bf16_bits_from_other_integer_arrays_in_range_still_convert() -> None:
+    assert np.array_equal(st.bf16_bits_to_float32(np.array([0x3F80, 0], np.int64)), np.array([1.0, 0.0], np.float32))

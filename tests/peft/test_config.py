@@ -54,6 +54,8 @@ BAD = [
     ("base_model_name_or_path", "3"), ("base_model_name_or_path", '"\\ud800"'),
     ("use_qalora", "0"), ("use_qalora", '"false"'), ("modules_to_save", '["lm_head"]'),
     ("peft_type", '"lora"'), ("peft_type", "null"),
+    ("lora_dropout", '"0.1"'), ("lora_dropout", "2"), ("lora_dropout", "-0.1"), ("lora_dropout", "null"),
+    ("lora_dropout", "NaN"), ("lora_dropout", "true"),
 ]
 
 
@@ -132,3 +134,13 @@ def test_a_crafted_pattern_key_does_not_hang_inspect(tmp_path: Path) -> None:
         assert main(["inspect", str(tmp_path)]) == 0
     assert time.perf_counter() - t < 2.0
     assert load_peft_adapter(tmp_path).alpha(name) == 4  # the key does not match (the "!"), as in re
+
+
+@pytest.mark.parametrize("field", ["r", "lora_alpha", "use_rslora", "target_modules"])
+def test_a_field_given_twice_is_refused_not_read_as_the_last(tmp_path: Path, field: str) -> None:
+    path = _adapter(tmp_path)
+    text = path.read_text().rstrip().rstrip("}")
+    path.write_text(text + f', "{field}": {json.dumps(json.loads(path.read_text())[field])}}}')
+    with pytest.raises(PeftFileError) as info:
+        load_peft_adapter(tmp_path)
+    assert str(path) in str(info.value) and f"{field!r} appears twice" in str(info.value), info.value

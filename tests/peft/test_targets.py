@@ -20,6 +20,7 @@ from minilora.peft.targets import (
     pattern_value,
     regex_match,
     target_matches,
+    targeted_modules,
 )
 
 ATOMS = ["a", "b", ".", r"\.", "[ab]", "[^a]", r"[a-c\d]", r"\d", r"\w", r"\W", r"\s", "_", "1", r"\b", r"\B",
@@ -121,3 +122,18 @@ def test_a_pattern_must_be_a_string(bad: object) -> None:
 
 def test_pattern_regex_is_pefts_wrapping() -> None:
     assert pattern_regex("fc") == r"(.*\.)?(fc)$"
+
+
+@pytest.mark.parametrize(("call", "fragment"), [
+    (lambda: target_matches("fc", {"fc": 1}), "targets must be a regex string or a list"),
+    (lambda: target_matches("fc", [1, 2]), "targets must be a regex string or a list"),
+    (lambda: target_matches("fc", ["fc"], exclude=3), "exclude must be"),
+    (lambda: target_matches(None, ["fc"]), "name must be a module name"),
+    (lambda: targeted_modules("x", ["fc"]), "params must be a dict"),
+    (lambda: pattern_value([1], "fc", 2), "must be a dict"),
+    (lambda: pattern_value({"fc": 2}, 3, 2), "module must be a module name"),
+])
+def test_junk_targets_are_refused_by_name(call: object, fragment: str) -> None:
+    """A dict, a list of ints, a non-str name used to be TypeError/AttributeError/ambiguous-truth."""
+    with pytest.raises(MiniLoraValueError, match=re.escape(fragment)):
+        call()  # type: ignore[operator]

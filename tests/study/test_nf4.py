@@ -453,3 +453,9 @@ def test_bad_state(mutate: Any, error: type, fragment: str) -> None:
     mutate(state)
     with pytest.raises(error, match=fragment):
         nf4.nf4_dequantize(state)
+
+
+@pytest.mark.parametrize(("state", "kind"), [(None, MiniLoraTypeError), ({"absmax": 1}, MiniLoraValueError)])
+def test_nf4_nbytes_refuses_what_is_not_a_state(state: Any, kind: type) -> None:
+    with pytest.raises(kind, match="state"):  # was AttributeError / KeyError 'packed'
+        nf4.nf4_nbytes(state)
