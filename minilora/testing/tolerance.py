@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from minilora._checks import check_bool
+from minilora._checks import check_bool, check_count, check_real
 from minilora.errors import MiniLoraTypeError, MiniLoraValueError
 
 __all__ = [
@@ -83,6 +83,16 @@ def dtype_name(dtype: Any) -> str:
     return name
 
 
+def _real_array(a: Any, name: str) -> np.ndarray:
+    """``a`` as a float64 array, or a library error naming ``name`` (not NumPy's own)."""
+    try:
+        out = np.asarray(a, dtype=np.float64)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise MiniLoraTypeError(f"{name} must be real numbers (an array or a number); got {type(a).__name__}: "
+                                f"{exc}") from None
+    return out
+
+
 def unit_roundoff(dtype: Any) -> float:
     """u of the dtype: float64 2^-53, float32 2^-24, float16 2^-11, bfloat16 2^-8."""
     return UNIT_ROUNDOFF[dtype_name(dtype)]
@@ -91,8 +101,7 @@ def unit_roundoff(dtype: Any) -> float:
 def gamma(k: int, dtype: Any) -> float:
     """gamma_k = k u / (1 - k u); refused when k u >= 1 (no bound exists: accumulate wider)."""
     u = unit_roundoff(dtype)
-    if k < 0:
-        raise MiniLoraValueError(f"k must be >= 0; got {k}")
+    k = check_count(k, "k")
     if k * u >= 1.0:
         raise MiniLoraValueError(
             f"no error bound for {k} chained roundings in {dtype_name(dtype)} (k u = {k * u:.3g} >= 1); "
@@ -117,8 +126,8 @@ def probable_gamma(k: int, dtype: Any, failure: float = PROBABLE_FAILURE) -> flo
     same value added again and again in low precision, say) can exceed it. ``minilora check``
     uses it only where no worst-case bound exists, and says so in the report."""
     u = unit_roundoff(dtype)
-    if k < 0:
-        raise MiniLoraValueError(f"k must be >= 0; got {k}")
+    k = check_count(k, "k")
+    failure = check_real(failure, "failure", low=0.0, high=1.0, low_open=True, high_open=True)
     if not 0.0 < failure < 1.0:
         raise MiniLoraValueError(f"failure must be a probability in (0, 1); got {failure!r}")
     if k == 0:
@@ -150,10 +159,13 @@ def dot_bound(
     if model not in BOUND_MODELS:
         raise MiniLoraValueError(f"model must be one of {', '.join(BOUND_MODELS)}; got {model!r}")
     g = gamma if model == "worst" else probable_gamma
+    k = check_count(k, "k")
+    stores = check_count(stores, "stores")
+    safety = check_real(safety, "safety", low=0.0)
     acc = dtype_name(accumulate if accumulate is not None else dtype)
     out = dtype_name(dtype)
     store = g(stores, out) if acc != out else 0.0
-    m = np.asarray(magnitude, dtype=np.float64)
+    m = _real_array(magnitude, "magnitude")
     under = k * _ETA[acc] + (stores * _ETA[out] if acc != out else 0.0)
     return safety * ((g(k, acc) + store) * m + under)
 
@@ -300,7 +312,7 @@ def round_to(a: Any, dtype: Any) -> np.ndarray:
     """``a`` rounded to the nearest value of ``dtype`` (ties to even), returned as float64.
     bfloat16 needs no extra package (see ``minilora.safetensors_io.float_to_bf16_bits``)."""
     name = dtype_name(dtype)
-    a = np.asarray(a, dtype=np.float64)
+    a = _real_array(a, "a")
     if name == "bfloat16":
         from minilora.formats.safetensors import bf16_bits_to_float32, float_to_bf16_bits
 

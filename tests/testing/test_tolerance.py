@@ -17,6 +17,7 @@ from hypothesis import assume, example, given
 from hypothesis import strategies as st
 
 import minilora as ml
+from minilora.errors import MiniLoraTypeError, MiniLoraValueError
 from minilora.testing import (
     SAFETY,
     UNIT_ROUNDOFF,
@@ -32,6 +33,7 @@ from minilora.testing import (
     round_to,
     unit_roundoff,
 )
+from minilora.testing import tolerance as tol
 from minilora.testing.strategies import adam_problems, lora_problems, make_adam_problem, make_problem
 
 # --------------------------------------------------------------------------- the constants
@@ -426,3 +428,24 @@ def test_element_strategies(data: Any, dtype: str) -> None:
     mask = data.draw(dropout_masks((2, 5), p, dtype))
     keep = float(round_to(1 / (1 - p), dtype)) if p < 1 else 0.0
     assert set(np.unique(mask)) <= {0.0, keep}
+
+
+@pytest.mark.parametrize(("call", "error", "names"), [
+    (lambda: tol.gamma("x", "float32"), MiniLoraValueError, "k must be a non-negative integer"),
+    (lambda: tol.gamma(1.5, "float32"), MiniLoraValueError, "k must be a non-negative integer"),
+    (lambda: tol.gamma(True, "float32"), MiniLoraValueError, "k must be a non-negative integer"),
+    (lambda: tol.gamma(3, None), MiniLoraTypeError, "dtype must be one of"),
+    (lambda: tol.probable_gamma(3, "float32", None), MiniLoraTypeError, "failure must be a real number"),
+    (lambda: tol.probable_gamma(3, "float32", 2.0), MiniLoraValueError, "failure must be < 1.0"),
+    (lambda: tol.dot_bound(3, "abc", "float32"), MiniLoraTypeError, "magnitude must be real numbers"),
+    (lambda: tol.dot_bound(3, 1.0, "float32", stores=-1), MiniLoraValueError, "stores must be a non-negative"),
+    (lambda: tol.dot_bound(3, 1.0, "float32", safety="2"), MiniLoraTypeError, "safety must be a real number"),
+    (lambda: tol.round_to("abc", "float32"), MiniLoraTypeError, "a must be real numbers"),
+    (lambda: tol.round_to([1.0, {}], "float16"), MiniLoraTypeError, "a must be real numbers"),
+    (lambda: tol.round_to(1.0, "int8"), MiniLoraTypeError, "dtype must be one of"),
+])
+def test_junk_arguments_are_library_errors_naming_the_argument(call: Any, error: type, names: str) -> None:
+    """The bounds' building blocks are public: a junk argument is a library error that names it,
+    not NumPy's TypeError/ValueError from deep inside."""
+    with pytest.raises(error, match=names):
+        call()
