@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 
 from minilora.testing.adapters import FrameworkUnavailableError
-from minilora.testing.adapters.torch_adapter import TorchBase
+from minilora.testing.adapters.torch_adapter import LayerAdapter
 
 __all__ = ["KerasAdapter", "import_keras"]
 
@@ -64,7 +64,7 @@ def import_keras() -> Any:
     return keras
 
 
-class KerasAdapter(TorchBase):
+class KerasAdapter(LayerAdapter):
     """LoRA as Keras does it: ``Dense(d_out).build((None, d_in)); enable_lora(r, lora_alpha=alpha)``."""
 
     name = "keras"
@@ -116,19 +116,9 @@ class KerasAdapter(TorchBase):
         b.assign(self.tensor(p.B.T, b.dtype))
         return layer
 
-    def forward(self, problem: Any) -> Any:
-        with self.one_thread(), self.torch.no_grad():
-            layer = self._problem_layer(problem)
-            return self.host(layer(self.tensor(problem.x, problem.dtype)))
-
-    def grads(self, problem: Any) -> dict:
-        with self.one_thread():
-            layer = self._problem_layer(problem)
-            x = self.tensor(problem.x, problem.dtype, requires_grad=True)
-            y = layer(x)
-            y.backward(self.tensor(problem.cotangent, y.dtype))
-            gA, gB = layer.lora_kernel_a.value.grad, layer.lora_kernel_b.value.grad
-            return {"x": self.host(x.grad), "A": self.host(gA).T, "B": self.host(gB).T}
+    def _factor_grads(self, layer: Any) -> tuple[Any, Any]:
+        gA, gB = layer.lora_kernel_a.value.grad, layer.lora_kernel_b.value.grad
+        return self.host(gA).T, self.host(gB).T
 
     def merge(self, problem: Any) -> dict:
         with self.one_thread(), self.torch.no_grad():

@@ -18,12 +18,12 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from minilora.testing.adapters.torch_adapter import TorchBase
+from minilora.testing.adapters.torch_adapter import LayerAdapter
 
 __all__ = ["LoralibAdapter"]
 
 
-class LoralibAdapter(TorchBase):
+class LoralibAdapter(LayerAdapter):
     """LoRA as loralib does it: ``loralib.Linear(d_in, d_out, r, lora_alpha, ...)``."""
 
     name = "loralib"
@@ -67,18 +67,8 @@ class LoralibAdapter(TorchBase):
         layer.train()  # unmerged
         return layer
 
-    def forward(self, problem: Any) -> Any:
-        with self.one_thread(), self.torch.no_grad():
-            layer = self._problem_layer(problem)
-            return self.host(layer(self.tensor(problem.x, problem.dtype)))
-
-    def grads(self, problem: Any) -> dict:
-        with self.one_thread():
-            layer = self._problem_layer(problem)
-            x = self.tensor(problem.x, problem.dtype, requires_grad=True)
-            y = layer(x)
-            y.backward(self.tensor(problem.cotangent, y.dtype))
-            return {"x": self.host(x.grad), "A": self.host(layer.lora_A.grad), "B": self.host(layer.lora_B.grad)}
+    def _factor_grads(self, layer: Any) -> tuple[Any, Any]:
+        return self.host(layer.lora_A.grad), self.host(layer.lora_B.grad)
 
     def merge(self, problem: Any) -> dict:
         with self.one_thread(), self.torch.no_grad():

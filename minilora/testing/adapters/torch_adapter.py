@@ -95,6 +95,32 @@ class TorchBase:
         return _Seeded(ctx, self.torch, seed)
 
 
+class LayerAdapter(TorchBase):
+    """forward and grads for adapters that build one torch module per problem: subclasses give
+    ``_problem_layer(problem)`` (the layer holding the problem's W, b, A, B and mask) and
+    ``_factor_grads(layer)`` (dA, dB as NumPy arrays in minilora's layout, A (r, d_in), B (d_out, r))."""
+
+    def _problem_layer(self, problem: Any) -> Any:
+        raise NotImplementedError
+
+    def _factor_grads(self, layer: Any) -> tuple[np.ndarray, np.ndarray]:
+        raise NotImplementedError
+
+    def forward(self, problem: Any) -> Any:
+        with self.one_thread(), self.torch.no_grad():
+            layer = self._problem_layer(problem)
+            return self.host(layer(self.tensor(problem.x, problem.dtype)))
+
+    def grads(self, problem: Any) -> dict:
+        with self.one_thread():
+            layer = self._problem_layer(problem)
+            x = self.tensor(problem.x, problem.dtype, requires_grad=True)
+            y = layer(x)
+            y.backward(self.tensor(problem.cotangent, y.dtype))
+            gA, gB = self._factor_grads(layer)
+            return {"x": self.host(x.grad), "A": gA, "B": gB}
+
+
 class _Seeded:
     def __init__(self, ctx: Any, torch: Any, seed: int) -> None:
         self.ctx, self.torch, self.seed = ctx, torch, seed

@@ -24,12 +24,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from minilora.testing.adapters.torch_adapter import TorchBase
+from minilora.testing.adapters.torch_adapter import LayerAdapter
 
 __all__ = ["TorchtuneAdapter"]
 
 
-class TorchtuneAdapter(TorchBase):
+class TorchtuneAdapter(LayerAdapter):
     """LoRA as torchtune does it: ``LoRALinear(d_in, d_out, rank, alpha, dropout, use_bias)``."""
 
     name = "torchtune"
@@ -78,19 +78,8 @@ class TorchtuneAdapter(TorchBase):
             layer.dropout = self.fixed_mask(p.mask)
         return layer
 
-    def forward(self, problem: Any) -> Any:
-        with self.one_thread(), self.torch.no_grad():
-            layer = self._problem_layer(problem)
-            return self.host(layer(self.tensor(problem.x, problem.dtype)))
-
-    def grads(self, problem: Any) -> dict:
-        with self.one_thread():
-            layer = self._problem_layer(problem)
-            x = self.tensor(problem.x, problem.dtype, requires_grad=True)
-            y = layer(x)
-            y.backward(self.tensor(problem.cotangent, y.dtype))
-            return {"x": self.host(x.grad), "A": self.host(layer.lora_a.weight.grad),
-                    "B": self.host(layer.lora_b.weight.grad)}
+    def _factor_grads(self, layer: Any) -> tuple[Any, Any]:
+        return self.host(layer.lora_a.weight.grad), self.host(layer.lora_b.weight.grad)
 
     def merge(self, problem: Any) -> dict:
         with self.one_thread(), self.torch.no_grad():
