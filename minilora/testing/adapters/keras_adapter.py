@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 
 from minilora.testing.adapters import FrameworkUnavailableError
-from minilora.testing.adapters.torch_adapter import LayerAdapter
+from minilora.testing.adapters.torch_adapter import EmbeddingLayerAdapter
 
 __all__ = ["KerasAdapter", "import_keras"]
 
@@ -64,7 +64,7 @@ def import_keras() -> Any:
     return keras
 
 
-class KerasAdapter(LayerAdapter):
+class KerasAdapter(EmbeddingLayerAdapter):
     """LoRA as Keras does it: ``Dense(d_out).build((None, d_in)); enable_lora(r, lora_alpha=alpha)``."""
 
     name = "keras"
@@ -182,17 +182,9 @@ class KerasAdapter(LayerAdapter):
     def _ids(self, p: Any) -> Any:
         return self.torch.from_numpy(np.asarray(p.ids, dtype=np.int64).copy())
 
-    def embedding_forward(self, problem: Any) -> Any:
-        with self.one_thread(), self.torch.no_grad():
-            return self.host(self._embedding(problem)(self._ids(problem)))
-
-    def embedding_grads(self, problem: Any) -> dict:
-        with self.one_thread():
-            layer = self._embedding(problem)
-            y = layer(self._ids(problem))
-            y.backward(self.tensor(problem.cotangent, y.dtype))
-            a, b = layer.lora_embeddings_a.value.grad, layer.lora_embeddings_b.value.grad
-            return {"A": self.host(a).T, "B": self.host(b).T}
+    def _embedding_factor_grads(self, layer: Any) -> tuple[Any, Any]:
+        a, b = layer.lora_embeddings_a.value.grad, layer.lora_embeddings_b.value.grad
+        return self.host(a).T, self.host(b).T
 
     def embedding_merge(self, problem: Any) -> dict:
         with self.one_thread(), self.torch.no_grad():

@@ -18,12 +18,12 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from minilora.testing.adapters.torch_adapter import LayerAdapter
+from minilora.testing.adapters.torch_adapter import EmbeddingLayerAdapter
 
 __all__ = ["LoralibAdapter"]
 
 
-class LoralibAdapter(LayerAdapter):
+class LoralibAdapter(EmbeddingLayerAdapter):
     """LoRA as loralib does it: ``loralib.Linear(d_in, d_out, r, lora_alpha, ...)``."""
 
     name = "loralib"
@@ -122,16 +122,8 @@ class LoralibAdapter(LayerAdapter):
     def _ids(self, p: Any) -> Any:
         return self.torch.from_numpy(p.ids.copy())
 
-    def embedding_forward(self, problem: Any) -> Any:
-        with self.one_thread(), self.torch.no_grad():
-            return self.host(self._embedding(problem)(self._ids(problem)))
-
-    def embedding_grads(self, problem: Any) -> dict:
-        with self.one_thread():
-            layer = self._embedding(problem)
-            y = layer(self._ids(problem))
-            y.backward(self.tensor(problem.cotangent, y.dtype))
-            return {"A": self.host(layer.lora_A.grad), "B": self.host(layer.lora_B.grad)}
+    def _embedding_factor_grads(self, layer: Any) -> tuple[Any, Any]:
+        return self.host(layer.lora_A.grad), self.host(layer.lora_B.grad)
 
     def embedding_merge(self, problem: Any) -> dict:
         with self.one_thread(), self.torch.no_grad():

@@ -121,6 +121,33 @@ class LayerAdapter(TorchBase):
             return {"x": self.host(x.grad), "A": gA, "B": gB}
 
 
+class EmbeddingLayerAdapter(LayerAdapter):
+    """LayerAdapter plus embedding_forward and embedding_grads, for frameworks with an embedding
+    LoRA module: subclasses give ``_embedding(problem)`` (the module), ``_ids(problem)`` (the ids
+    as a torch int64 tensor) and ``_embedding_factor_grads(layer)`` (dA (r, num), dB (dim, r))."""
+
+    def _embedding(self, problem: Any) -> Any:
+        raise NotImplementedError
+
+    def _ids(self, problem: Any) -> Any:
+        raise NotImplementedError
+
+    def _embedding_factor_grads(self, layer: Any) -> tuple[np.ndarray, np.ndarray]:
+        raise NotImplementedError
+
+    def embedding_forward(self, problem: Any) -> Any:
+        with self.one_thread(), self.torch.no_grad():
+            return self.host(self._embedding(problem)(self._ids(problem)))
+
+    def embedding_grads(self, problem: Any) -> dict:
+        with self.one_thread():
+            layer = self._embedding(problem)
+            y = layer(self._ids(problem))
+            y.backward(self.tensor(problem.cotangent, y.dtype))
+            gA, gB = self._embedding_factor_grads(layer)
+            return {"A": gA, "B": gB}
+
+
 class _Seeded:
     def __init__(self, ctx: Any, torch: Any, seed: int) -> None:
         self.ctx, self.torch, self.seed = ctx, torch, seed
