@@ -25,6 +25,7 @@ import numpy as np
 
 from minilora.errors import MiniLoraValueError
 from minilora.layers import lora_scale
+from minilora.testing.cases import _restrict
 from minilora.testing.problems import LoraProblem, _values, make_problem
 from minilora.testing.tolerance import round_to
 
@@ -187,20 +188,6 @@ TRAINABLE_LAYOUTS: tuple[tuple[tuple[tuple[str, int, int, bool], ...], tuple[str
     ((("fc1", 3, 4, True), ("fc2", 4, 4, True), ("head", 4, 2, True)), ("fc2",)),
     ((("fc1", 4, 3, False), ("head", 3, 2, False)), ("fc1", "head")),
 )
-
-
-def _restrict(spec: dict, features: frozenset) -> dict:
-    spec = dict(spec)
-    for flag in ("fan_in_fan_out", "rslora"):
-        if flag not in features:
-            spec[flag] = False
-    if "dropout" not in features:
-        spec["dropout"] = None
-    if "no_bias" not in features:
-        spec["bias"] = True
-    if "scale" not in features:  # a layer without alpha: scale 1
-        spec["alpha"], spec["rslora"] = float(spec["rank"]), False
-    return spec
 
 
 def _drawn_layer(rng: np.random.Generator, features: frozenset) -> dict:

@@ -67,6 +67,13 @@ class TorchtuneAdapter(LayerAdapter):
             raise ValueError("torchtune's LoRALinear has no fan_in_fan_out layout and no rsLoRA")
         layer = self._layer(d_in=p.d_in, d_out=p.d_out, rank=p.rank, alpha=p.alpha, bias=p.b is not None,
                             dtype=p.dtype, dropout=p.dropout)
+        self._copy_in(layer, p)
+        if p.mask is not None and masked:
+            layer.dropout = self.fixed_mask(p.mask)
+        return layer
+
+    def _copy_in(self, layer: Any, p: Any) -> None:
+        """The problem's W, b, A and B into a torchtune LoRALinear or DoRALinear, in p.dtype."""
         dt = self.tdtype(p.dtype)
         with self.torch.no_grad():
             layer.weight.copy_(self.tensor(p.W, dt))
@@ -74,9 +81,6 @@ class TorchtuneAdapter(LayerAdapter):
                 layer.bias.copy_(self.tensor(p.b, dt))
             layer.lora_a.weight.copy_(self.tensor(p.A, dt))
             layer.lora_b.weight.copy_(self.tensor(p.B, dt))
-        if p.mask is not None and masked:
-            layer.dropout = self.fixed_mask(p.mask)
-        return layer
 
     def _factor_grads(self, layer: Any) -> tuple[Any, Any]:
         return self.host(layer.lora_a.weight.grad), self.host(layer.lora_b.weight.grad)
@@ -126,12 +130,8 @@ class TorchtuneAdapter(LayerAdapter):
             raise ValueError("torchtune's DoRALinear is checked without fan_in_fan_out, rsLoRA and dropout")
         dt = self.tdtype(p.dtype)
         layer = self.tt.DoRALinear(p.d_in, p.d_out, rank=p.rank, alpha=p.alpha, use_bias=p.b is not None).to(dt)
+        self._copy_in(layer, p)
         with self.torch.no_grad():
-            layer.weight.copy_(self.tensor(p.W, dt))
-            if p.b is not None:
-                layer.bias.copy_(self.tensor(p.b, dt))
-            layer.lora_a.weight.copy_(self.tensor(p.A, dt))
-            layer.lora_b.weight.copy_(self.tensor(p.B, dt))
             layer.magnitude.copy_(self.tensor(p.magnitude, dt))
         return layer
 
